@@ -1,0 +1,1 @@
+"""radnode job table: SQLAlchemy models, session factory, migrations (SQLite or PostgreSQL)."""

@@ -1,0 +1,234 @@
+"""Receiving bookkeeping in the job table: record instances, complete stable series/studies, list them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Select, and_, case, func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from db.models import Instance, Series, SeriesState, Study
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedInstance:
+    """What the receive path records for one instance (header fields, no patient data)."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    path: str
+    size_bytes: int
+    calling_ae: str | None
+    modality: str | None = None
+    body_part_examined: str | None = None
+    study_description: str | None = None
+    series_description: str | None = None
+    protocol_name: str | None = None
+    manufacturer: str | None = None
+    slice_thickness: float | None = None
+    image_type: str | None = None
+    series_number: int | None = None
+    number_of_frames: int | None = None
+
+
+def _insert(session: Session, table: Any):
+    return (pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert)(table)
+
+
+def _reopen(model: Any, now: datetime) -> dict[str, Any]:
+    """Values that mark a study/series as receiving again, counting a reopen of a finished one."""
+    return {
+        "last_received_at": now,
+        "reopened_count": model.reopened_count + case((model.state != SeriesState.RECEIVING, 1), else_=0),
+        "state": SeriesState.RECEIVING,
+        "completed_at": None,
+    }
+
+
+def record_instance(session: Session, rec: ReceivedInstance, now: datetime) -> bool:
+    """Record one stored instance, idempotently; the caller commits.
+
+    Creates the study and series on first sight, refreshes their last-received time and
+    reopens them if they were already complete (a late instance). A re-sent SOP Instance UID
+    updates its row instead of adding one. Returns True when the instance is new.
+    """
+    session.execute(
+        _insert(session, Study)
+        .values(
+            study_uid=rec.study_uid,
+            state=SeriesState.RECEIVING,
+            study_description=rec.study_description,
+            first_received_at=now,
+            last_received_at=now,
+            reopened_count=0,
+        )
+        .on_conflict_do_nothing(index_elements=["study_uid"])
+    )
+    study_id = session.execute(
+        update(Study)
+        .where(Study.study_uid == rec.study_uid)
+        .values(**_reopen(Study, now), study_description=func.coalesce(Study.study_description, rec.study_description))
+        .returning(Study.id)
+    ).scalar_one()
+
+    series_values = {
+        "modality": rec.modality,
+        "sop_class_uid": rec.sop_class_uid,
+        "body_part_examined": rec.body_part_examined,
+        "series_description": rec.series_description,
+        "protocol_name": rec.protocol_name,
+        "manufacturer": rec.manufacturer,
+        "slice_thickness": rec.slice_thickness,
+        "image_type": rec.image_type,
+        "series_number": rec.series_number,
+    }
+    session.execute(
+        _insert(session, Series)
+        .values(
+            series_uid=rec.series_uid,
+            study_id=study_id,
+            state=SeriesState.RECEIVING,
+            calling_ae=rec.calling_ae,
+            instance_count=0,
+            first_received_at=now,
+            last_received_at=now,
+            reopened_count=0,
+            **series_values,
+        )
+        .on_conflict_do_nothing(index_elements=["series_uid"])
+    )
+    series_id = session.execute(
+        update(Series)
+        .where(Series.series_uid == rec.series_uid)
+        .values(
+            **_reopen(Series, now),
+            calling_ae=rec.calling_ae,
+            # keep the first non-empty value seen for each descriptive attribute
+            **{k: func.coalesce(getattr(Series, k), v) for k, v in series_values.items()},
+        )
+        .returning(Series.id)
+    ).scalar_one()
+
+    stmt = _insert(session, Instance).values(
+        sop_instance_uid=rec.sop_instance_uid,
+        series_id=series_id,
+        sop_class_uid=rec.sop_class_uid,
+        transfer_syntax_uid=rec.transfer_syntax_uid,
+        path=rec.path,
+        size_bytes=rec.size_bytes,
+        number_of_frames=rec.number_of_frames,
+        calling_ae=rec.calling_ae,
+        received_at=now,
+        receive_count=1,
+    )
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["sop_instance_uid"],
+        set_={
+            "series_id": stmt.excluded.series_id,
+            "sop_class_uid": stmt.excluded.sop_class_uid,
+            "transfer_syntax_uid": stmt.excluded.transfer_syntax_uid,
+            "path": stmt.excluded.path,
+            "size_bytes": stmt.excluded.size_bytes,
+            "number_of_frames": stmt.excluded.number_of_frames,
+            "calling_ae": stmt.excluded.calling_ae,
+            "received_at": stmt.excluded.received_at,
+            "receive_count": Instance.receive_count + 1,
+        },
+    ).returning(Instance.receive_count)
+    return session.execute(stmt).scalar_one() == 1
+
+
+def complete_stable(session: Session, now: datetime, window_seconds: float) -> tuple[list[str], list[str]]:
+    """Mark series, then studies, `complete` when nothing arrived for `window_seconds`.
+
+    A study completes only when all its series are complete. Records each series' instance
+    count. Returns (series UIDs completed, study UIDs completed); the caller commits.
+    """
+    cutoff = now - timedelta(seconds=window_seconds)
+    count = select(func.count(Instance.id)).where(Instance.series_id == Series.id).scalar_subquery()
+    series_done = (
+        session.execute(
+            update(Series)
+            .where(Series.state == SeriesState.RECEIVING, Series.last_received_at <= cutoff)
+            .values(state=SeriesState.COMPLETE, completed_at=now, instance_count=count)
+            .returning(Series.series_uid)
+        )
+        .scalars()
+        .all()
+    )
+    open_series = select(Series.id).where(Series.study_id == Study.id, Series.state == SeriesState.RECEIVING)
+    studies_done = (
+        session.execute(
+            update(Study)
+            .where(Study.state == SeriesState.RECEIVING, Study.last_received_at <= cutoff, ~open_series.exists())
+            .values(state=SeriesState.COMPLETE, completed_at=now)
+            .returning(Study.study_uid)
+        )
+        .scalars()
+        .all()
+    )
+    return list(series_done), list(studies_done)
+
+
+def known_paths(session: Session) -> set[str]:
+    """Relative paths of every recorded instance (for reconciling the store after a crash)."""
+    return set(session.execute(select(Instance.path)).scalars())
+
+
+def _studies_query(study_uid: str | None) -> Select:
+    q = select(Study).order_by(Study.first_received_at.desc(), Study.id.desc())
+    return q.where(Study.study_uid == study_uid) if study_uid else q
+
+
+def list_studies(session: Session, study_uid: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+    """Studies with their series, state and live instance counts, newest first."""
+    studies = session.execute(_studies_query(study_uid).limit(limit)).scalars().all()
+    if not studies:
+        return []
+    ids = [s.id for s in studies]
+    rows = session.execute(
+        select(Series, func.count(Instance.id))
+        .outerjoin(Instance, and_(Instance.series_id == Series.id))
+        .where(Series.study_id.in_(ids))
+        .group_by(Series.id)
+        .order_by(Series.id)
+    ).all()
+    by_study: dict[int, list[dict[str, Any]]] = {i: [] for i in ids}
+    for series, n in rows:
+        by_study[series.study_id].append(
+            {
+                "series_uid": series.series_uid,
+                "modality": series.modality,
+                "instances": n,
+                "state": series.state,
+                "series_number": series.series_number,
+                "series_description": series.series_description,
+                "body_part_examined": series.body_part_examined,
+                "sop_class_uid": series.sop_class_uid,
+                "calling_ae": series.calling_ae,
+                "first_received_at": series.first_received_at.isoformat(),
+                "last_received_at": series.last_received_at.isoformat(),
+                "completed_at": series.completed_at.isoformat() if series.completed_at else None,
+                "reopened_count": series.reopened_count,
+            }
+        )
+    return [
+        {
+            "study_uid": s.study_uid,
+            "state": s.state,
+            "study_description": s.study_description,
+            "first_received_at": s.first_received_at.isoformat(),
+            "last_received_at": s.last_received_at.isoformat(),
+            "completed_at": s.completed_at.isoformat() if s.completed_at else None,
+            "reopened_count": s.reopened_count,
+            "series": by_study[s.id],
+        }
+        for s in studies
+    ]

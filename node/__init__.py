@@ -1,0 +1,3 @@
+"""radnode: the service core (receive, persist, track; later route, encode, dispatch)."""
+
+__version__ = "0.1.0"

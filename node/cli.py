@@ -1,0 +1,177 @@
+"""Command line: `radnode run | studies | echo | send | db upgrade`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from node import __version__
+from node.settings import Settings, load_settings
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="radnode: an AI node beside the PACS.")
+db_app = typer.Typer(no_args_is_help=True, help="Job table maintenance.")
+app.add_typer(db_app, name="db")
+console = Console(stderr=True)
+_state: dict[str, Path | None] = {"config": None}
+
+
+@app.callback()
+def main(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", exists=True, dir_okay=False, help="YAML settings file")
+    ] = None,
+) -> None:
+    _state["config"] = config
+
+
+def settings() -> Settings:
+    """Load settings once for the command; a bad value exits 2 with the field named."""
+    try:
+        return load_settings(_state["config"])
+    except ValidationError as exc:
+        console.print(f"[red]invalid configuration:[/red]\n{exc}")
+        raise typer.Exit(2) from None
+
+
+def _setup_logging(s: Settings) -> None:
+    from node.logs import setup_logging
+
+    setup_logging(s.log_level, s.log_json, s.uid_hash_salt.get_secret_value())
+
+
+@app.command()
+def run() -> None:
+    """Start the node: DICOM receivers, tracker (embedded default: SQLite, no broker server)."""
+    from node.service import Node, StartupError
+
+    s = settings()
+    _setup_logging(s)
+    node = Node(s)
+    try:
+        node.start()
+    except StartupError as exc:
+        console.print(f"[red]radnode cannot start:[/red] {exc}")
+        raise typer.Exit(1) from None
+    print(f"radnode {__version__} running", flush=True)
+    for line in node.describe():
+        print("  " + line, flush=True)
+    node.serve_forever()
+
+
+@app.command()
+def studies(
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    study: Annotated[str | None, typer.Option(help="only this Study Instance UID")] = None,
+    limit: Annotated[int, typer.Option(min=1)] = 200,
+) -> None:
+    """List received studies with their series, state and instance counts."""
+    from db.records import list_studies
+    from db.session import make_engine, make_sessionmaker
+    from node.service import StartupError, prepare_database
+
+    s = settings()
+    engine = make_engine(s.db_url)
+    try:
+        prepare_database(s, engine, auto_upgrade=False)
+    except StartupError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    with make_sessionmaker(engine)() as session:
+        rows = list_studies(session, study, limit)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table("study", "series", "modality", "instances", "state", "description")
+    for st in rows:
+        table.add_row(st["study_uid"], "", "", "", st["state"], st["study_description"] or "")
+        for se in st["series"]:
+            table.add_row(
+                "", se["series_uid"], se["modality"] or "", str(se["instances"]), se["state"],
+                se["series_description"] or "",
+            )
+    Console().print(table)
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise typer.BadParameter(f"expected HOST:PORT, got {value!r}")
+    return host, int(port)
+
+
+@app.command()
+def echo(
+    host: str,
+    port: int,
+    aec: Annotated[str, typer.Option("--aec", help="called AE title")] = "ANY-SCP",
+    aet: Annotated[str | None, typer.Option("--aet", help="calling AE title (default: ours)")] = None,
+) -> None:
+    """C-ECHO a DICOM peer."""
+    from node.scu import AssociationFailed
+    from node.scu import echo as do_echo
+
+    s = settings()
+    try:
+        status = do_echo(host, port, aec, aet or s.ae_title)
+    except AssociationFailed as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    print(f"C-ECHO {host}:{port} status 0x{status:04X}")
+    if status != 0:
+        raise typer.Exit(1)
+
+
+@app.command()
+def send(
+    paths: Annotated[list[Path], typer.Argument(exists=True, help="files or folders")],
+    to: Annotated[str, typer.Option("--to", help="HOST:PORT")],
+    aec: Annotated[str, typer.Option("--aec", help="called AE title")] = "ANY-SCP",
+    aet: Annotated[str | None, typer.Option("--aet", help="calling AE title (default: ours)")] = None,
+) -> None:
+    """C-STORE files (or folders, recursively) to a DICOM peer over one association."""
+    from node.scu import AssociationFailed, iter_dicom_files
+    from node.scu import send as do_send
+
+    host, port = _host_port(to)
+    s = settings()
+    files = list(iter_dicom_files(paths))
+    with Progress(
+        TextColumn("C-STORE"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
+    ) as progress:
+        task = progress.add_task("send", total=len(files))
+        try:
+            report = do_send(files, host, port, aec, aet or s.ae_title, progress=lambda f, c: progress.advance(task))
+        except (AssociationFailed, ValueError) as exc:
+            console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(1) from None
+    for f, why in report.skipped:
+        console.print(f"skipped {f}: {why}")
+    for f, why in report.failed:
+        console.print(f"[red]failed[/red] {f}: {why}")
+    print(f"sent {report.sent}, failed {len(report.failed)}, skipped {len(report.skipped)}")
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
+    """Apply the job-table migrations (PostgreSQL in production; SQLite upgrades itself on run)."""
+    from db.migrate import current_revision, upgrade
+    from db.session import make_engine
+
+    s = settings()
+    engine = make_engine(s.db_url)
+    upgrade(engine, revision)
+    print(f"database at revision {current_revision(engine)}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,276 @@
+"""Receive step: the DICOM SCP (C-ECHO, C-STORE), durable write then acknowledge, in N processes."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import signal
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.exc import SQLAlchemyError
+
+from db.models import utcnow
+from db.records import ReceivedInstance, record_instance
+from db.session import make_engine, make_sessionmaker
+from node.logs import setup_logging, uid_hash
+from node.settings import Settings
+from node.storage import InstanceHeader, InstanceStore, InvalidUID, StorageFull, UndecodableDataset, read_header
+
+log = logging.getLogger("radnode.scp")
+
+
+class Status:
+    """C-STORE statuses we answer (PS3.4 Annex B and pynetdicom's storage service)."""
+
+    SUCCESS = 0x0000
+    OUT_OF_RESOURCES = 0xA700  # disk full, database down
+    TOO_LARGE = 0xA701  # refused: out of resources (instance over the configured limit)
+    SOP_CLASS_MISMATCH = 0xA900  # data set does not match SOP class
+    CANNOT_UNDERSTAND = 0xC210  # cannot decode the data set
+    INVALID_UID = 0xC211  # a UID is not a valid DICOM UID
+    PROCESSING_FAILURE = 0x0110
+
+
+def _status(code: int, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = comment[:64]
+    return ds
+
+
+@dataclass
+class StoreOutcome:
+    status: int
+    new: bool = False
+
+
+class Receiver:
+    """The C-STORE / C-ECHO handlers of one receiver process: file first, then row, then 0x0000."""
+
+    def __init__(self, settings: Settings, store: InstanceStore, sessionmaker: Any) -> None:
+        self.settings = settings
+        self.store = store
+        self.sessionmaker = sessionmaker
+
+    def handle_echo(self, event: evt.Event) -> int:
+        return Status.SUCCESS
+
+    def handle_store(self, event: evt.Event) -> int | Dataset:
+        """Store one instance durably and record it; never raises (errors become statuses)."""
+        calling = event.assoc.requestor.ae_title.strip() or None
+        try:
+            data = event.encoded_dataset(include_meta=True)
+        except Exception:
+            log.exception("C-STORE: could not read the received data set")
+            return _status(Status.CANNOT_UNDERSTAND, "cannot read data set")
+        if len(data) > self.settings.max_instance_bytes:
+            log.warning("C-STORE refused: %d bytes over the %d limit", len(data), self.settings.max_instance_bytes)
+            return _status(Status.TOO_LARGE, "instance larger than the configured maximum")
+        try:
+            header = read_header(data)
+        except InvalidUID as exc:
+            log.warning("C-STORE refused: %s", exc)
+            return _status(Status.INVALID_UID, str(exc))
+        except UndecodableDataset as exc:
+            log.warning("C-STORE refused: %s", exc)
+            return _status(Status.CANNOT_UNDERSTAND, str(exc))
+        request = event.request
+        if header.sop_class_uid != request.AffectedSOPClassUID:
+            log.warning("C-STORE refused: SOP Class in data set differs from the request")
+            return _status(Status.SOP_CLASS_MISMATCH, "SOPClassUID differs from the C-STORE request")
+        if header.sop_instance_uid != request.AffectedSOPInstanceUID:
+            log.warning("C-STORE refused: SOP Instance UID in data set differs from the request")
+            return _status(Status.SOP_CLASS_MISMATCH, "SOPInstanceUID differs from the C-STORE request")
+        return self.persist(header, data, calling).status
+
+    def persist(self, header: InstanceHeader, data: bytes, calling_ae: str | None) -> StoreOutcome:
+        """Durable write, then the row; a status for every failure. Shared by every receive path."""
+        try:
+            relative = self.store.write(header, data)
+        except StorageFull as exc:
+            log.error("C-STORE refused: %s", exc)
+            return StoreOutcome(Status.OUT_OF_RESOURCES)
+        except InvalidUID:
+            return StoreOutcome(Status.INVALID_UID)
+        except OSError:
+            log.exception("C-STORE refused: could not write the instance")
+            return StoreOutcome(Status.OUT_OF_RESOURCES)
+        rec = to_record(header, relative, len(data), calling_ae)
+        try:
+            with self.sessionmaker.begin() as session:
+                new = record_instance(session, rec, utcnow())
+        except SQLAlchemyError:
+            # The file is on disk (a resend overwrites it; start-up reconciles it); the sender retries.
+            log.exception("C-STORE refused: database unavailable")
+            return StoreOutcome(Status.OUT_OF_RESOURCES)
+        log.debug(
+            "stored instance %s series %s (%s, %d bytes)",
+            uid_hash(header.sop_instance_uid),
+            uid_hash(header.series_uid),
+            "new" if new else "re-sent",
+            len(data),
+        )
+        return StoreOutcome(Status.SUCCESS, new)
+
+    def handle_association(self, event: evt.Event) -> None:
+        log.info("association from AE %s (%s)", event.assoc.requestor.ae_title, event.assoc.requestor.address)
+
+
+_HEADER_FIELDS = [
+    "study_uid",
+    "series_uid",
+    "sop_instance_uid",
+    "sop_class_uid",
+    "transfer_syntax_uid",
+    "modality",
+    "body_part_examined",
+    "study_description",
+    "series_description",
+    "protocol_name",
+    "manufacturer",
+    "slice_thickness",
+    "image_type",
+    "series_number",
+    "number_of_frames",
+]
+
+
+def to_record(header: InstanceHeader, path: str, size_bytes: int, calling_ae: str | None) -> ReceivedInstance:
+    """The job-table record of a stored instance."""
+    return ReceivedInstance(
+        path=path, size_bytes=size_bytes, calling_ae=calling_ae, **{k: getattr(header, k) for k in _HEADER_FIELDS}
+    )
+
+
+class _SharedPortServer(ThreadedAssociationServer):
+    """pynetdicom's server with SO_REUSEPORT (several receiver processes share one port),
+    TCP_NODELAY on every accepted socket, and a bounded TLS handshake."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = self.socket.accept()
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_context:
+            client.settimeout(30)
+            try:
+                client = self.ssl_context.wrap_socket(client, server_side=True)
+            except (OSError, ssl.SSLError):
+                log.warning("TLS handshake failed from %s", address[0])
+                client.close()
+                raise
+            client.settimeout(None)
+        return client, address
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext:
+    """Server-side TLS context from the settings; peers must present a certificate when a CA is set."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(settings.tls_cert), str(settings.tls_key))
+    if settings.tls_ca is not None:
+        ctx.load_verify_locations(str(settings.tls_ca))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def build_ae(settings: Settings) -> AE:
+    """The acceptor AE: every storage SOP class with every transfer syntax, plus Verification."""
+    ae = AE(ae_title=settings.ae_title)
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+    ae.maximum_associations = 64
+    ae.maximum_pdu_size = settings.max_pdu
+    ae.network_timeout = 60
+    ae.dimse_timeout = 60
+    ae.acse_timeout = 30
+    if settings.allowed_aes:
+        ae.require_calling_aet = list(settings.allowed_aes)
+    return ae
+
+
+def listen_addresses(settings: Settings) -> list[tuple[str, int, bool]]:
+    """(host, port, tls) for every listener the settings ask for."""
+    out = []
+    if settings.dicom_port:
+        out.append((settings.dicom_host, settings.dicom_port, False))
+    if settings.tls_enabled:
+        out.append((settings.dicom_host, settings.tls_port, True))
+    return out
+
+
+def start_servers(settings: Settings, receiver: Receiver) -> tuple[AE, list[ThreadedAssociationServer]]:
+    """Start the listeners of this process (non-blocking). Raises OSError if a port cannot be bound."""
+    ae = build_ae(settings)
+    handlers = [
+        (evt.EVT_C_STORE, receiver.handle_store),
+        (evt.EVT_C_ECHO, receiver.handle_echo),
+        (evt.EVT_ESTABLISHED, receiver.handle_association),
+    ]
+    servers = []
+    for host, port, tls in listen_addresses(settings):
+        server = ae.make_server(
+            (host, port),
+            evt_handlers=handlers,
+            ssl_context=tls_context(settings) if tls else None,
+            server_class=_SharedPortServer,
+        )
+        thread = threading.Thread(target=server.serve_forever, name=f"scp-{port}", daemon=True)
+        thread.start()
+        ae._servers.append(server)
+        servers.append(server)
+    return ae, servers
+
+
+def stop_servers(ae: AE, servers: list[ThreadedAssociationServer], grace: float = 10.0) -> None:
+    """Stop accepting, then give running associations `grace` seconds to finish."""
+    for server in servers:
+        server.shutdown()
+    deadline = time.monotonic() + grace
+    while ae.active_associations and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def receiver_main(settings_data: dict[str, Any], index: int, ready: Any) -> None:
+    """Entry point of one receiver process (spawned by the node); runs until SIGTERM/SIGINT."""
+    settings = Settings(**settings_data)
+    setup_logging(settings.log_level, settings.log_json, settings.uid_hash_salt.get_secret_value())
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    store = InstanceStore(settings.instances_dir, settings.tmp_dir, settings.min_free_bytes)
+    engine = make_engine(settings.db_url)
+    receiver = Receiver(settings, store, make_sessionmaker(engine))
+    try:
+        ae, servers = start_servers(settings, receiver)
+    except OSError as exc:
+        ready.put((index, f"cannot listen: {exc}"))
+        return
+    ready.put((index, None))
+    stop.wait()
+    stop_servers(ae, servers)
+    engine.dispose()
+
+
+def spawn_receiver(settings: Settings, index: int, ready: Any) -> mp.process.BaseProcess:
+    ctx = mp.get_context("spawn")
+    proc = ctx.Process(
+        target=receiver_main,
+        args=(settings.model_dump(), index, ready),
+        name=f"radnode-receiver-{index}",
+        daemon=False,
+    )
+    proc.start()
+    return proc

@@ -1,0 +1,162 @@
+"""The node process (`radnode run`): migrate, reconcile, receiver processes, tracker, supervision."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine
+
+from db.migrate import current_revision, upgrade
+from db.models import utcnow
+from db.records import known_paths, record_instance
+from db.session import make_engine, make_sessionmaker
+from node.scp import listen_addresses, spawn_receiver, to_record
+from node.settings import Settings
+from node.storage import InstanceStore, StorageError, read_header
+from node.tracker import Tracker
+
+log = logging.getLogger("radnode.node")
+
+
+class StartupError(RuntimeError):
+    """The node cannot start (database not migrated, port taken, ...); the message says why."""
+
+
+def prepare_database(settings: Settings, engine: Engine, auto_upgrade: bool) -> None:
+    """Upgrade the embedded (SQLite) database; refuse a PostgreSQL one that is not at head.
+
+    Raises StartupError with the command to run.
+    """
+    from alembic.script import ScriptDirectory
+
+    from db.migrate import alembic_config
+
+    head = ScriptDirectory.from_config(alembic_config(settings.db_url)).get_current_head()
+    if engine.dialect.name == "sqlite" or auto_upgrade:
+        upgrade(engine)
+        return
+    current = current_revision(engine)
+    if current != head:
+        raise StartupError(f"database is at revision {current}, code expects {head}: run `radnode db upgrade`")
+
+
+def reconcile(store: InstanceStore, sessionmaker: Any) -> int:
+    """Record every stored file that has no row (a crash between rename and commit). Returns the count."""
+    with sessionmaker() as session:
+        known = known_paths(session)
+    added = 0
+    for relative in store.iter_files():
+        if relative in known:
+            continue
+        path = store.path(relative)
+        try:
+            header = read_header(path)
+        except StorageError as exc:
+            log.warning("reconcile: unreadable stored file skipped (%s)", exc)
+            continue
+        rec = to_record(header, relative, path.stat().st_size, None)
+        with sessionmaker.begin() as session:
+            record_instance(session, rec, utcnow())
+        added += 1
+    if added:
+        log.warning("reconcile: recorded %d stored instance(s) that had no row", added)
+    return added
+
+
+@dataclass
+class Node:
+    """Supervises the receiver processes and runs the tracker in this process."""
+
+    settings: Settings
+    receivers: dict[int, mp.process.BaseProcess] = field(default_factory=dict)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def start(self, auto_upgrade: bool = False) -> None:
+        """Prepare the database and storage and start the receivers. Raises StartupError."""
+        s = self.settings
+        s.data_path.mkdir(parents=True, exist_ok=True)
+        s.models_path.mkdir(parents=True, exist_ok=True)
+        self.store = InstanceStore(s.instances_dir, s.tmp_dir, s.min_free_bytes)
+        self.engine = make_engine(s.db_url)
+        try:
+            prepare_database(s, self.engine, auto_upgrade)
+        except StartupError:
+            raise
+        except Exception as exc:
+            raise StartupError(f"database unavailable: {type(exc).__name__}: {exc}") from exc
+        self.sessionmaker = make_sessionmaker(self.engine)
+        removed = self.store.clean_tmp()
+        if removed:
+            log.info("removed %d partial file(s) left by an interrupted transfer", removed)
+        reconcile(self.store, self.sessionmaker)
+        self._ready: Any = mp.get_context("spawn").Queue()
+        for i in range(s.receivers):
+            self.receivers[i] = spawn_receiver(s, i, self._ready)
+        self._wait_ready(set(self.receivers))
+        self.tracker = Tracker(self.sessionmaker, s.stable_seconds, min(s.sweep_seconds, s.stable_seconds / 2))
+
+    def _wait_ready(self, pending: set[int], timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while pending:
+            try:
+                index, error = self._ready.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                self.shutdown()
+                raise StartupError("receiver processes did not start in time") from None
+            if error:
+                self.shutdown()
+                raise StartupError(error)
+            pending.discard(index)
+
+    def describe(self) -> list[str]:
+        s = self.settings
+        lines = [
+            f"DICOM {'TLS' if tls else 'TCP'} {host}:{port} AE {s.ae_title} ({s.receivers} receiver processes)"
+            for host, port, tls in listen_addresses(s)
+        ]
+        lines.append(f"storage {s.data_path}")
+        lines.append(f"database {self.engine.url.render_as_string(hide_password=True)}")
+        lines.append(f"stable after {s.stable_seconds:g} s")
+        if s.allowed_aes:
+            lines.append("calling AE allow-list: " + ", ".join(s.allowed_aes))
+        return lines
+
+    def supervise_once(self) -> None:
+        """Restart any receiver that died (a crash must not close the port for good)."""
+        for index, proc in list(self.receivers.items()):
+            if not proc.is_alive() and not self.stop.is_set():
+                log.error("receiver %d exited with %s; restarting", index, proc.exitcode)
+                self.receivers[index] = spawn_receiver(self.settings, index, self._ready)
+                try:
+                    self._wait_ready({index}, timeout=30)
+                except StartupError:
+                    log.exception("receiver %d could not be restarted", index)
+
+    def serve_forever(self) -> None:
+        """Run the tracker and supervision until SIGTERM/SIGINT, then shut down cleanly."""
+        signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
+        signal.signal(signal.SIGINT, lambda *_: self.stop.set())
+        tracker_thread = threading.Thread(target=self.tracker.run, args=(self.stop,), name="tracker", daemon=True)
+        tracker_thread.start()
+        while not self.stop.wait(1.0):
+            self.supervise_once()
+        self.shutdown()
+        tracker_thread.join(timeout=5)
+
+    def shutdown(self) -> None:
+        self.stop.set()
+        for proc in self.receivers.values():
+            if proc.is_alive():
+                proc.terminate()  # SIGTERM: stop accepting, finish running associations
+        for proc in self.receivers.values():
+            proc.join(timeout=15)
+            if proc.is_alive():
+                proc.kill()
+        log.info("node stopped")

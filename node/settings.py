@@ -1,0 +1,158 @@
+"""Configuration: every RADNODE_* setting, read once, shared by the node and the workers."""
+
+from __future__ import annotations
+
+import os
+import re
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
+
+
+def _check_ae(value: str) -> str:
+    value = value.strip()
+    if not _AE_RE.match(value):
+        raise ValueError(f"not a valid AE title (1-16 printable characters, no backslash): {value!r}")
+    return value
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Reads the optional YAML file named by RADNODE_CONFIG (set by `--config`)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path | None) -> None:
+        super().__init__(settings_cls)
+        self._data: dict[str, Any] = {}
+        if path is not None:
+            with open(path, encoding="utf-8") as f:
+                loaded = yaml.safe_load(f) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{path}: the configuration file must be a mapping of setting: value")
+            self._data = loaded
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+class Settings(BaseSettings):
+    """All radnode settings. Environment (RADNODE_*) wins over the YAML file, which wins over defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="RADNODE_", extra="forbid", frozen=True)
+
+    data_dir: Path = Field(Path("./radnode-data"), description="storage root: instances, outputs, embedded db")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite file in the data dir")
+    broker_url: str | None = Field(None, description="Celery broker URL; default: embedded, no server")
+    ae_title: str = Field("RADNODE", description="our AE title")
+    dicom_host: str = Field("0.0.0.0", description="address the DICOM and HTTP services listen on")
+    dicom_port: int = Field(11112, ge=0, le=65535, description="DICOM listen port (0 = no plain-TCP listener)")
+    http_port: int = Field(8080, ge=0, le=65535, description="HTTP listen port (API)")
+    stable_seconds: float = Field(30.0, gt=0, description="series/study stability window in seconds")
+    allowed_aes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="calling AE titles allowed to associate; empty = accept all"
+    )
+    models_dir: Path | None = Field(None, description="model weights root; default <data dir>/models")
+    tls_cert: Path | None = Field(None, description="DICOM TLS: our certificate (PEM)")
+    tls_key: Path | None = Field(None, description="DICOM TLS: our private key (PEM)")
+    tls_ca: Path | None = Field(None, description="DICOM TLS: CA bundle to verify peers; set = client certs required")
+    tls_port: int = Field(2762, ge=1, le=65535, description="DICOM TLS listen port (used when cert and key are set)")
+    max_instance_bytes: int = Field(2 * 1024**3, gt=0, description="largest dataset accepted by C-STORE")
+    min_free_bytes: int = Field(64 * 1024**2, ge=0, description="refuse new instances (0xA700) below this free space")
+    receivers: int = Field(
+        default_factory=lambda: max(2, min(4, os.cpu_count() or 2)),
+        ge=1,
+        le=64,
+        description="DICOM receiver processes sharing the port",
+    )
+    max_pdu: int = Field(0, ge=0, description="maximum PDU we accept (0 = unlimited)")
+    sweep_seconds: float = Field(1.0, gt=0, description="how often the tracker looks for stable series")
+    log_json: bool = Field(False, description="log as JSON lines")
+    log_level: str = Field("INFO")
+    uid_hash_salt: SecretStr = Field(SecretStr(""), description="salt for the UID hashes in logs")
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return _check_ae(v)
+
+    @field_validator("allowed_aes", mode="before")
+    @classmethod
+    def _split_aes(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [p for p in (s.strip() for s in v.split(",")) if p]
+        return v
+
+    @field_validator("allowed_aes")
+    @classmethod
+    def _check_aes(cls, v: list[str]) -> list[str]:
+        return [_check_ae(a) for a in v]
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be set together")
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_ca needs tls_cert and tls_key")
+        if self.dicom_port == 0 and self.tls_cert is None:
+            raise ValueError("dicom_port 0 disables plain TCP; then DICOM TLS must be configured")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = os.environ.get("RADNODE_CONFIG")
+        return (init_settings, env_settings, _YamlSource(settings_cls, Path(path) if path else None))
+
+    # Derived locations -------------------------------------------------------------------------
+
+    @cached_property
+    def data_path(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    @cached_property
+    def instances_dir(self) -> Path:
+        return self.data_path / "instances"
+
+    @cached_property
+    def tmp_dir(self) -> Path:
+        """Temporary files live on the same file system as their destination (atomic rename)."""
+        return self.data_path / "tmp"
+
+    @cached_property
+    def models_path(self) -> Path:
+        return (self.models_dir or self.data_path / "models").expanduser().resolve()
+
+    @cached_property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_path / 'radnode.db'}"
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert is not None
+
+
+# Setting name (without prefix) -> environment variable, for documentation and the CLI.
+ENV_NAMES = {name: f"RADNODE_{name.upper()}" for name in Settings.model_fields}
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
+    """Read the settings once: environment, then the YAML file `config`, then defaults.
+
+    Raises pydantic.ValidationError (a clear message per field) when a value is invalid.
+    """
+    if config is not None:
+        os.environ["RADNODE_CONFIG"] = str(config)
+    return Settings(**overrides)
