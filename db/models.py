@@ -114,7 +114,7 @@ class Instance(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
-    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"))
     sop_class_uid: Mapped[str] = mapped_column(UID)
     transfer_syntax_uid: Mapped[str] = mapped_column(UID)
     path: Mapped[str] = mapped_column(String(256))
@@ -123,6 +123,8 @@ class Instance(Base):
     calling_ae: Mapped[str | None] = mapped_column(String(16))
     received_at: Mapped[datetime] = mapped_column(UTCDateTime)
     receive_count: Mapped[int] = mapped_column(Integer, default=1)
+
+    __table_args__ = (Index("ix_instance_series_received", "series_id", "received_at"),)
 
 
 class Job(Base):

@@ -42,23 +42,8 @@ def _insert(session: Session, table: Any):
     return (pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert)(table)
 
 
-def _reopen(model: Any, now: datetime) -> dict[str, Any]:
-    """Values that mark a study/series as receiving again, counting a reopen of a finished one."""
-    return {
-        "last_received_at": now,
-        "reopened_count": model.reopened_count + case((model.state != SeriesState.RECEIVING, 1), else_=0),
-        "state": SeriesState.RECEIVING,
-        "completed_at": None,
-    }
-
-
-def record_instance(session: Session, rec: ReceivedInstance, now: datetime) -> bool:
-    """Record one stored instance, idempotently; the caller commits.
-
-    Creates the study and series on first sight, refreshes their last-received time and
-    reopens them if they were already complete (a late instance). A re-sent SOP Instance UID
-    updates its row instead of adding one. Returns True when the instance is new.
-    """
+def _ensure_series(session: Session, rec: ReceivedInstance, now: datetime) -> int:
+    """Create the study and series on first sight (concurrent receivers race safely); return the series id."""
     session.execute(
         _insert(session, Study)
         .values(
@@ -71,87 +56,124 @@ def record_instance(session: Session, rec: ReceivedInstance, now: datetime) -> b
         )
         .on_conflict_do_nothing(index_elements=["study_uid"])
     )
-    study_id = session.execute(
-        update(Study)
-        .where(Study.study_uid == rec.study_uid)
-        .values(**_reopen(Study, now), study_description=func.coalesce(Study.study_description, rec.study_description))
-        .returning(Study.id)
-    ).scalar_one()
-
-    series_values = {
-        "modality": rec.modality,
-        "sop_class_uid": rec.sop_class_uid,
-        "body_part_examined": rec.body_part_examined,
-        "series_description": rec.series_description,
-        "protocol_name": rec.protocol_name,
-        "manufacturer": rec.manufacturer,
-        "slice_thickness": rec.slice_thickness,
-        "image_type": rec.image_type,
-        "series_number": rec.series_number,
-    }
+    study_id = session.execute(select(Study.id).where(Study.study_uid == rec.study_uid)).scalar_one()
     session.execute(
         _insert(session, Series)
         .values(
             series_uid=rec.series_uid,
             study_id=study_id,
             state=SeriesState.RECEIVING,
+            modality=rec.modality,
+            sop_class_uid=rec.sop_class_uid,
+            body_part_examined=rec.body_part_examined,
+            series_description=rec.series_description,
+            protocol_name=rec.protocol_name,
+            manufacturer=rec.manufacturer,
+            slice_thickness=rec.slice_thickness,
+            image_type=rec.image_type,
+            series_number=rec.series_number,
             calling_ae=rec.calling_ae,
             instance_count=0,
             first_received_at=now,
             last_received_at=now,
             reopened_count=0,
-            **series_values,
         )
         .on_conflict_do_nothing(index_elements=["series_uid"])
     )
-    series_id = session.execute(
-        update(Series)
-        .where(Series.series_uid == rec.series_uid)
-        .values(
-            **_reopen(Series, now),
-            calling_ae=rec.calling_ae,
-            # keep the first non-empty value seen for each descriptive attribute
-            **{k: func.coalesce(getattr(Series, k), v) for k, v in series_values.items()},
-        )
-        .returning(Series.id)
-    ).scalar_one()
+    return session.execute(select(Series.id).where(Series.series_uid == rec.series_uid)).scalar_one()
 
-    stmt = _insert(session, Instance).values(
-        sop_instance_uid=rec.sop_instance_uid,
-        series_id=series_id,
-        sop_class_uid=rec.sop_class_uid,
-        transfer_syntax_uid=rec.transfer_syntax_uid,
-        path=rec.path,
-        size_bytes=rec.size_bytes,
-        number_of_frames=rec.number_of_frames,
-        calling_ae=rec.calling_ae,
-        received_at=now,
-        receive_count=1,
-    )
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["sop_instance_uid"],
-        set_={
-            "series_id": stmt.excluded.series_id,
-            "sop_class_uid": stmt.excluded.sop_class_uid,
-            "transfer_syntax_uid": stmt.excluded.transfer_syntax_uid,
-            "path": stmt.excluded.path,
-            "size_bytes": stmt.excluded.size_bytes,
-            "number_of_frames": stmt.excluded.number_of_frames,
-            "calling_ae": stmt.excluded.calling_ae,
-            "received_at": stmt.excluded.received_at,
-            "receive_count": Instance.receive_count + 1,
-        },
-    ).returning(Instance.receive_count)
-    return session.execute(stmt).scalar_one() == 1
+
+class InstanceRecorder:
+    """Records received instances with one statement each once their series is known.
+
+    Study and series rows are created on first sight and their ids cached in this process;
+    last-received times, completion and reopening are derived from the instance rows by
+    `complete_stable`, so the hot path never contends on a shared series row.
+    """
+
+    def __init__(self, max_cached: int = 10_000) -> None:
+        self._series_ids: dict[str, int] = {}
+        self._max_cached = max_cached
+
+    def record(self, session: Session, rec: ReceivedInstance, now: datetime) -> bool:
+        """Record one stored instance, idempotently; the caller commits.
+
+        A re-sent SOP Instance UID updates its row (and counts the resend) instead of adding
+        one. Returns True when the instance is new.
+        """
+        series_id = self._series_ids.get(rec.series_uid)
+        if series_id is None:
+            series_id = _ensure_series(session, rec, now)
+            if len(self._series_ids) >= self._max_cached:
+                self._series_ids.clear()
+            self._series_ids[rec.series_uid] = series_id
+        stmt = _insert(session, Instance).values(
+            sop_instance_uid=rec.sop_instance_uid,
+            series_id=series_id,
+            sop_class_uid=rec.sop_class_uid,
+            transfer_syntax_uid=rec.transfer_syntax_uid,
+            path=rec.path,
+            size_bytes=rec.size_bytes,
+            number_of_frames=rec.number_of_frames,
+            calling_ae=rec.calling_ae,
+            received_at=now,
+            receive_count=1,
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["sop_instance_uid"],
+            set_={
+                "series_id": stmt.excluded.series_id,
+                "sop_class_uid": stmt.excluded.sop_class_uid,
+                "transfer_syntax_uid": stmt.excluded.transfer_syntax_uid,
+                "path": stmt.excluded.path,
+                "size_bytes": stmt.excluded.size_bytes,
+                "number_of_frames": stmt.excluded.number_of_frames,
+                "calling_ae": stmt.excluded.calling_ae,
+                "received_at": stmt.excluded.received_at,
+                "receive_count": Instance.receive_count + 1,
+            },
+        ).returning(Instance.receive_count)
+        return session.execute(stmt).scalar_one() == 1
+
+    def forget(self) -> None:
+        """Drop the cached ids (after a database outage the rows may be gone)."""
+        self._series_ids.clear()
+
+
+def record_instance(session: Session, rec: ReceivedInstance, now: datetime) -> bool:
+    """Record one instance without a cache (reconciling, tests). See InstanceRecorder.record."""
+    return InstanceRecorder().record(session, rec, now)
 
 
 def complete_stable(session: Session, now: datetime, window_seconds: float) -> tuple[list[str], list[str]]:
-    """Mark series, then studies, `complete` when nothing arrived for `window_seconds`.
+    """The tracker's pass: refresh last-received times, reopen, then complete stable series/studies.
 
-    A study completes only when all its series are complete. Records each series' instance
-    count. Returns (series UIDs completed, study UIDs completed); the caller commits.
+    - a series (and its study) that is complete or routed but received an instance after its
+      completion goes back to `receiving` and its reopen is counted;
+    - a receiving series completes once its newest instance is `window_seconds` old, recording
+      its instance count; a study completes once all its series are complete and it is as old.
+
+    Returns (series UIDs completed, study UIDs completed); the caller commits.
     """
     cutoff = now - timedelta(seconds=window_seconds)
+    newest = select(func.max(Instance.received_at)).where(Instance.series_id == Series.id).scalar_subquery()
+    late = select(Instance.id).where(Instance.series_id == Series.id, Instance.received_at > Series.completed_at)
+    session.execute(
+        update(Series)
+        .where(Series.state != SeriesState.RECEIVING, late.exists())
+        .values(state=SeriesState.RECEIVING, completed_at=None, reopened_count=Series.reopened_count + 1)
+    )
+    receiving_series = select(Series.id).where(Series.study_id == Study.id, Series.state == SeriesState.RECEIVING)
+    session.execute(  # a late instance or a new series reopens its study
+        update(Study)
+        .where(Study.state != SeriesState.RECEIVING, receiving_series.exists())
+        .values(state=SeriesState.RECEIVING, completed_at=None, reopened_count=Study.reopened_count + 1)
+    )
+    session.execute(
+        update(Series)
+        .where(Series.state == SeriesState.RECEIVING, newest.is_not(None))
+        .values(last_received_at=newest)
+    )
     count = select(func.count(Instance.id)).where(Instance.series_id == Series.id).scalar_subquery()
     series_done = (
         session.execute(
@@ -163,11 +185,14 @@ def complete_stable(session: Session, now: datetime, window_seconds: float) -> t
         .scalars()
         .all()
     )
-    open_series = select(Series.id).where(Series.study_id == Study.id, Series.state == SeriesState.RECEIVING)
+    newest_series = select(func.max(Series.last_received_at)).where(Series.study_id == Study.id).scalar_subquery()
+    session.execute(
+        update(Study).where(Study.state == SeriesState.RECEIVING).values(last_received_at=newest_series)
+    )
     studies_done = (
         session.execute(
             update(Study)
-            .where(Study.state == SeriesState.RECEIVING, Study.last_received_at <= cutoff, ~open_series.exists())
+            .where(Study.state == SeriesState.RECEIVING, Study.last_received_at <= cutoff, ~receiving_series.exists())
             .values(state=SeriesState.COMPLETE, completed_at=now)
             .returning(Study.study_uid)
         )

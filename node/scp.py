@@ -19,7 +19,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
 from db.models import utcnow
-from db.records import ReceivedInstance, record_instance
+from db.records import InstanceRecorder, ReceivedInstance
 from db.session import make_engine, make_sessionmaker
 from node.logs import setup_logging, uid_hash
 from node.settings import Settings
@@ -60,6 +60,7 @@ class Receiver:
         self.settings = settings
         self.store = store
         self.sessionmaker = sessionmaker
+        self.recorder = InstanceRecorder()
 
     def handle_echo(self, event: evt.Event) -> int:
         return Status.SUCCESS
@@ -107,8 +108,9 @@ class Receiver:
         rec = to_record(header, relative, len(data), calling_ae)
         try:
             with self.sessionmaker.begin() as session:
-                new = record_instance(session, rec, utcnow())
+                new = self.recorder.record(session, rec, utcnow())
         except SQLAlchemyError:
+            self.recorder.forget()
             # The file is on disk (a resend overwrites it; start-up reconciles it); the sender retries.
             log.exception("C-STORE refused: database unavailable")
             return StoreOutcome(Status.OUT_OF_RESOURCES)

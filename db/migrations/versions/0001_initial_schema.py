@@ -76,7 +76,7 @@ def upgrade() -> None:
     sa.UniqueConstraint('sop_instance_uid')
     )
     with op.batch_alter_table('instance', schema=None) as batch_op:
-        batch_op.create_index(batch_op.f('ix_instance_series_id'), ['series_id'], unique=False)
+        batch_op.create_index('ix_instance_series_received', ['series_id', 'received_at'], unique=False)
 
     op.create_table('job',
     sa.Column('id', sa.Integer(), nullable=False),
@@ -126,7 +126,7 @@ def downgrade() -> None:
 
     op.drop_table('job')
     with op.batch_alter_table('instance', schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f('ix_instance_series_id'))
+        batch_op.drop_index('ix_instance_series_received')
 
     op.drop_table('instance')
     with op.batch_alter_table('series', schema=None) as batch_op:
