@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import signal
 import socket
 import ssl
@@ -261,7 +262,11 @@ def receiver_main(settings_data: dict[str, Any], index: int, ready: Any) -> None
         ready.put((index, f"cannot listen: {exc}"))
         return
     ready.put((index, None))
-    stop.wait()
+    parent = os.getppid()
+    while not stop.wait(1.0):
+        if os.getppid() != parent:  # the node died (kill -9): do not keep the port open alone
+            log.error("node process gone; receiver %d stopping", index)
+            break
     stop_servers(ae, servers)
     engine.dispose()
 

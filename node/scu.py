@@ -10,12 +10,15 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pynetdicom import AE
+from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 
 log = logging.getLogger("radnode.scu")
+
+# Send a file's stored bytes as they are (no decode/re-encode that could drop or alter elements).
+_config.STORE_SEND_CHUNKED_DATASET = True
 
 
 class AssociationFailed(RuntimeError):
@@ -111,6 +114,10 @@ def send(
                 status = assoc.send_c_store(f)
             except ValueError as exc:  # no accepted presentation context for this file
                 report.failed.append((str(f), str(exc)))
+                continue
+            except Exception as exc:  # pynetdicom cannot prepare this file (e.g. malformed file meta)
+                log.warning("cannot send %s", f.name, exc_info=True)
+                report.failed.append((str(f), f"cannot send: {type(exc).__name__}"))
                 continue
             code = int(status.Status) if "Status" in status else -1
             if code in (0x0000, 0xB000, 0xB006, 0xB007):

@@ -1,0 +1,601 @@
+"""Ingest benchmark: C-STORE throughput of radnode against Orthanc, side by side in one run.
+
+What it measures
+    Images per second that a receiver acknowledges when DCMTK ``storescu`` (env TCP_NODELAY=1)
+    sends it one CT series over loopback, timed from the start of the sender(s) until every
+    sender has exited:
+
+    * "1 assoc": one ``storescu`` sending the whole series over one association;
+    * "4 assoc": the series split into 4 equal chunks sent by 4 ``storescu`` in parallel.
+
+    The series is built on the fly from the 64 real slices of the shared Philips chest CT
+    (``ct_chest_philips_lungdx_a0001``), cycled to ``--slices`` (default 300) 512x512 slices with
+    new Study/Series/SOP Instance UIDs, InstanceNumber and ImagePositionPatient. Every measurement
+    (target x column x repeat) gets its own freshly generated series, written (and synced to disk)
+    before the clock starts, so neither receiver ever sees a duplicate. Each measurement is preceded
+    by a small warm-up send (its own study) with the same number of associations.
+
+    Both receivers are started by the script with their own temporary storage:
+
+    * radnode: ``radnode run`` (SQLite job table, ``RADNODE_STABLE_SECONDS=5``, ``--receivers``
+      sets ``RADNODE_RECEIVERS``); it acknowledges an instance only after fsync + rename + row;
+    * Orthanc (``/usr/sbin/Orthanc``, Debian package ``orthanc``) with a minimal config (no plugins,
+      no compression, ``ConcurrentJobs`` 2) and env TCP_NODELAY=1.
+
+    Targets are measured alternately (radnode, Orthanc, radnode, Orthanc, ...) so machine noise
+    affects both. Every send must exit 0 with no error lines, and the number of stored instances is
+    checked on both sides (``radnode studies --json``; Orthanc's REST API), so a failing receiver
+    cannot look fast.
+
+Targets
+    Orthanc 1.10 measured ~174 img/s (1 assoc) and ~369 img/s (4 assoc) on a 2-core machine with a
+    300-slice CT. radnode must reach >= 1.2x Orthanc in both columns, measured in the same run.
+
+Usage
+    .venv/bin/python bench/ingest.py [--slices 300] [--repeat 3] [--receivers N] [--json FILE]
+
+Needs ``storescu`` (Debian package ``dcmtk``) and ``Orthanc`` (package ``orthanc``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+REPO = Path(__file__).resolve().parent.parent
+CT_FOLDER = "ct_chest_philips_lungdx_a0001"
+ORTHANC_BIN = "/usr/sbin/Orthanc"
+ASSOCIATIONS = (1, 4)
+TARGET_RATIO = 1.2
+RADNODE_AE = "RADNODE"
+ORTHANC_AE = "ORTHANC"
+
+
+class BenchError(RuntimeError):
+    """The benchmark cannot go on (a receiver did not start, a send failed, counts differ)."""
+
+
+# --- input series -------------------------------------------------------------------------------
+
+
+def default_source() -> Path:
+    """The shared CT: RADNODE_TEST_DATA (the shared data dir) or ../shared/data from the repo root."""
+    root = os.environ.get("RADNODE_TEST_DATA")
+    return (Path(root) if root else REPO.parent / "shared" / "data") / CT_FOLDER
+
+
+def load_templates(source: Path) -> list[Dataset]:
+    """The source slices in order (InstanceNumber, then position). Raises BenchError if none."""
+    files = sorted(source.glob("*.dcm"))
+    if not files:
+        raise BenchError(f"no *.dcm files in {source} (use --source or set RADNODE_TEST_DATA)")
+    datasets = [pydicom.dcmread(f) for f in files]
+    datasets.sort(key=lambda d: (int(d.get("InstanceNumber", 0) or 0), float(d.ImagePositionPatient[2])))
+    return datasets
+
+
+@dataclass
+class Series:
+    """One generated series on disk."""
+
+    study_uid: str
+    files: list[Path]
+
+
+class SeriesFactory:
+    """Cycles the source slices into new series with fresh UIDs and continuous geometry."""
+
+    def __init__(self, templates: list[Dataset]) -> None:
+        self.templates = templates
+        first = [float(v) for v in templates[0].ImagePositionPatient]
+        last = [float(v) for v in templates[-1].ImagePositionPatient]
+        n = max(1, len(templates) - 1)
+        self.origin = first
+        self.step = [(b - a) / n for a, b in zip(first, last, strict=True)]
+        if not any(self.step):
+            thickness = float(templates[0].get("SliceThickness", 1.0) or 1.0)
+            self.step = [0.0, 0.0, -thickness]
+
+    def make(self, folder: Path, count: int, description: str) -> Series:
+        """Write `count` slices to `folder` (a new study and series) and return them."""
+        folder.mkdir(parents=True)
+        study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
+        files = []
+        for i in range(count):
+            ds = self.templates[i % len(self.templates)]
+            sop_uid = generate_uid()
+            ds.SOPInstanceUID = sop_uid
+            ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+            ds.StudyInstanceUID = study_uid
+            ds.SeriesInstanceUID = series_uid
+            if "FrameOfReferenceUID" in ds:
+                ds.FrameOfReferenceUID = frame_uid
+            ds.SeriesDescription = description
+            ds.InstanceNumber = i + 1
+            position = [o + i * s for o, s in zip(self.origin, self.step, strict=True)]
+            ds.ImagePositionPatient = [f"{v:.6f}".rstrip("0").rstrip(".") for v in position]
+            if "SliceLocation" in ds:
+                ds.SliceLocation = f"{position[2]:.6f}".rstrip("0").rstrip(".")
+            path = folder / f"{i + 1:05d}.dcm"
+            ds.save_as(path)
+            files.append(path)
+        return Series(study_uid, files)
+
+
+# --- processes ----------------------------------------------------------------------------------
+
+
+class Processes:
+    """Every process the benchmark starts; `close()` ends them (and their children) by pid."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, cmd: Sequence[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+        with open(log, "ab") as out:
+            # Own session: a Ctrl-C in the terminal reaches only us; we stop the others in order.
+            proc = subprocess.Popen(
+                list(cmd), env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.procs.append(proc)
+        return proc
+
+    def forget(self, proc: subprocess.Popen[bytes]) -> None:
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def close(self, grace: float = 20.0) -> None:
+        """SIGTERM every running process, wait `grace` seconds, then SIGKILL what is left."""
+        tree: list[psutil.Process] = []
+        for proc in self.procs:
+            if proc.poll() is not None:
+                continue
+            try:
+                p = psutil.Process(proc.pid)
+                tree.extend([p, *p.children(recursive=True)])
+                p.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(tree, timeout=grace)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.wait(timeout=5)
+        self.procs.clear()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def wait_until(what: str, check: Any, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    """Poll `check()` until true; raises BenchError if `proc` exits or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if proc.poll() is not None:
+            raise BenchError(f"{what}: process exited with {proc.returncode}\n{tail(log)}")
+        if time.monotonic() > deadline:
+            raise BenchError(f"{what}: not ready after {timeout:g} s\n{tail(log)}")
+        time.sleep(0.1)
+
+
+# --- receivers ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    name: str
+    ae: str
+    port: int
+    log: Path
+
+    def stored_instances(self, study_uid: str) -> int:
+        raise NotImplementedError
+
+
+@dataclass
+class Radnode(Target):
+    env: dict[str, str] = field(default_factory=dict)
+    command: list[str] = field(default_factory=list)
+
+    def cli(self, *args: str) -> str:
+        """Run `radnode ARGS` with the node's environment; returns stdout. Raises BenchError."""
+        done = subprocess.run(
+            [*self.command, *args], env=self.env, capture_output=True, text=True, timeout=120, check=False
+        )
+        if done.returncode != 0:
+            raise BenchError(f"radnode {' '.join(args)} exited {done.returncode}: {done.stderr[-2000:]}")
+        return done.stdout
+
+    def studies(self, study_uid: str | None = None) -> list[dict[str, Any]]:
+        args = ["studies", "--json", "--limit", "100000"]
+        if study_uid:
+            args += ["--study", study_uid]
+        try:
+            rows: list[dict[str, Any]] = json.loads(self.cli(*args))
+        except json.JSONDecodeError as exc:
+            raise BenchError(f"radnode studies --json printed something that is not JSON: {exc}") from None
+        return rows
+
+    def stored_instances(self, study_uid: str) -> int:
+        return sum(se["instances"] for st in self.studies(study_uid) for se in st["series"])
+
+
+@dataclass
+class Orthanc(Target):
+    http_port: int = 0
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=30) as r:
+            return json.load(r)
+
+    def post(self, path: str, body: bytes) -> Any:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=body, method="POST")
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.load(r)
+
+    def stored_instances(self, study_uid: str) -> int:
+        found = [x for x in self.post("/tools/lookup", study_uid.encode()) if x.get("Type") == "Study"]
+        if not found:
+            return 0
+        return int(self.get(f"/studies/{found[0]['ID']}/statistics")["CountInstances"])
+
+
+def radnode_command() -> list[str]:
+    """`radnode` beside this interpreter, else the repo's venv, else `python -m node.cli`."""
+    for candidate in (Path(sys.executable).parent / "radnode", REPO / ".venv" / "bin" / "radnode"):
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return [str(candidate)]
+    return [sys.executable, "-m", "node.cli"]
+
+
+def start_radnode(procs: Processes, work: Path, receivers: int | None) -> Radnode:
+    """Start `radnode run` on a free loopback port; returns when it said "running" and the port answers."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RADNODE_")}  # hermetic settings
+    env.update(
+        RADNODE_DATA_DIR=str(work / "radnode-data"),
+        RADNODE_DICOM_HOST="127.0.0.1",
+        RADNODE_DICOM_PORT=str(port),
+        RADNODE_HTTP_PORT=str(free_port()),
+        RADNODE_STABLE_SECONDS="5",
+        RADNODE_AE_TITLE=RADNODE_AE,
+    )
+    if receivers is not None:
+        env["RADNODE_RECEIVERS"] = str(receivers)
+    log = work / "logs" / "radnode.log"
+    command = radnode_command()
+    proc = procs.start([*command, "run"], env, log)
+
+    def running() -> bool:
+        return any(
+            line.startswith("radnode ") and line.rstrip().endswith("running")
+            for line in log.read_text(errors="replace").splitlines()
+        )
+
+    wait_until("radnode start", running, proc, log, timeout=120)
+    wait_until("radnode DICOM port", lambda: port_open(port), proc, log, timeout=30)
+    return Radnode("radnode", RADNODE_AE, port, log, env=env, command=command)
+
+
+def start_orthanc(procs: Processes, work: Path) -> Orthanc:
+    """Start Orthanc with its own config on free loopback ports; returns when REST and DICOM answer."""
+    if not os.access(ORTHANC_BIN, os.X_OK):
+        raise BenchError(f"{ORTHANC_BIN} not found: apt-get install orthanc")
+    http_port, dicom_port = free_port(), free_port()
+    while dicom_port == http_port:
+        dicom_port = free_port()
+    root = work / "orthanc"
+    config = {
+        "Name": "radnode-bench",
+        "StorageDirectory": str(root / "storage"),
+        "IndexDirectory": str(root / "index"),
+        "HttpPort": http_port,
+        "DicomPort": dicom_port,
+        "DicomAet": ORTHANC_AE,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomAlwaysAllowStore": True,
+        "DicomCheckCalledAet": False,
+        "Plugins": [],
+        "OverwriteInstances": True,
+        "StorageCompression": False,
+        "ConcurrentJobs": 2,
+    }
+    root.mkdir(parents=True)
+    config_path = root / "config.json"
+    config_path.write_text(json.dumps(config, indent=2))
+    log = work / "logs" / "orthanc.log"
+    proc = procs.start([ORTHANC_BIN, str(config_path)], {**os.environ, "TCP_NODELAY": "1"}, log)
+    target = Orthanc("Orthanc", ORTHANC_AE, dicom_port, log, http_port=http_port)
+
+    def rest_up() -> bool:
+        try:
+            target.get("/system")
+            return True
+        except (OSError, urllib.error.URLError, ValueError):
+            return False
+
+    wait_until("Orthanc REST", rest_up, proc, log, timeout=60)
+    wait_until("Orthanc DICOM port", lambda: port_open(dicom_port), proc, log, timeout=30)
+    return target
+
+
+# --- sending ------------------------------------------------------------------------------------
+
+
+def chunks(files: list[Path], n: int) -> list[list[Path]]:
+    """`files` split into `n` contiguous chunks whose sizes differ by at most one."""
+    size, extra = divmod(len(files), n)
+    out, start = [], 0
+    for i in range(n):
+        end = start + size + (1 if i < extra else 0)
+        out.append(files[start:end])
+        start = end
+    return [c for c in out if c]
+
+
+def send(procs: Processes, target: Target, files: list[Path], associations: int, logs: Path, label: str) -> float:
+    """Send `files` over `associations` parallel storescu; returns seconds from start to last exit.
+
+    Raises BenchError when a storescu exits non-zero or logs an error.
+    """
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    parts = chunks(files, associations)
+    log_paths = [logs / f"storescu-{label}-{i}.log" for i in range(len(parts))]
+    for p in log_paths:
+        p.unlink(missing_ok=True)
+    started = time.perf_counter()
+    running = [
+        procs.start(["storescu", "-aec", target.ae, "127.0.0.1", str(target.port), *map(str, part)], env, log)
+        for part, log in zip(parts, log_paths, strict=True)
+    ]
+    codes = [p.wait() for p in running]
+    elapsed = time.perf_counter() - started
+    for p in running:
+        procs.forget(p)
+    for code, log in zip(codes, log_paths, strict=True):
+        errors = [ln for ln in log.read_text(errors="replace").splitlines() if ln.startswith(("E:", "F:"))]
+        if code != 0 or errors:
+            raise BenchError(f"storescu to {target.name} ({label}) exited {code}:\n" + "\n".join(errors[:10]))
+    return elapsed
+
+
+# --- the benchmark ------------------------------------------------------------------------------
+
+
+@dataclass
+class Column:
+    runs: list[float] = field(default_factory=list)  # img/s
+
+    @property
+    def best(self) -> float:
+        return max(self.runs)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.runs)
+
+
+def measure(
+    procs: Processes,
+    target: Target,
+    factory: SeriesFactory,
+    work: Path,
+    associations: int,
+    slices: int,
+    warmup: int,
+    label: str,
+    keep: bool,
+    settle: float,
+) -> float:
+    """One measurement: generate, warm up, send, verify. Returns img/s. Raises BenchError."""
+    folder = work / "series" / label
+    warm = factory.make(folder / "warmup", max(warmup, associations), f"ingest bench warm-up {label}")
+    series = factory.make(folder / "series", slices, f"ingest bench {label}")
+    os.sync()  # nothing left to write back from generation (or the other target) while we time
+    time.sleep(settle)
+    logs = work / "logs"
+    send(procs, target, warm.files, associations, logs, label + "-warmup")
+    seconds = send(procs, target, series.files, associations, logs, label)
+    stored = target.stored_instances(series.study_uid)
+    if stored != slices:
+        raise BenchError(f"{target.name} ({label}): {stored} instances stored, {slices} sent")
+    if not keep:
+        shutil.rmtree(folder)
+    return slices / seconds
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def render(results: dict[str, dict[int, Column]], slices: int, repeat: int, bytes_per_series: int) -> str:
+    names = list(results)
+    head = f"{'':<17}" + "".join(f"{f'{n} assoc img/s':>22}" for n in ASSOCIATIONS)
+    sub = f"{'':<17}" + "".join(f"{'best / median':>22}" for _ in ASSOCIATIONS)
+    lines = [
+        f"ingest of a {slices}-slice 512x512 CT ({bytes_per_series / 1e6:.0f} MB), "
+        f"best / median of {repeat} run(s) per cell",
+        head,
+        sub,
+    ]
+    for name in names:
+        cells = "".join(f"{f'{results[name][n].best:.1f} / {results[name][n].median:.1f}':>22}" for n in ASSOCIATIONS)
+        lines.append(f"{name:<17}{cells}")
+    a, b = results["radnode"], results["Orthanc"]
+    cells = "".join(
+        f"{f'{ratio(a[n].best, b[n].best):.2f}x / {ratio(a[n].median, b[n].median):.2f}x':>22}" for n in ASSOCIATIONS
+    )
+    lines.append(f"{'radnode/Orthanc':<17}{cells}")
+    verdict = all(ratio(a[n].median, b[n].median) >= TARGET_RATIO for n in ASSOCIATIONS)
+    lines.append(
+        f"target radnode >= {TARGET_RATIO:g}x Orthanc in both columns (medians): {'MET' if verdict else 'NOT MET'}"
+    )
+    return "\n".join(lines)
+
+
+def log_findings(log: Path) -> list[str]:
+    """Warning/error/traceback lines in a receiver log (at most 10)."""
+    keys = (" WARNING ", " ERROR ", " CRITICAL ", "Traceback")
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if any(k in ln for k in keys)]
+    return lines[:10]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--source", type=Path, default=None, help=f"folder of source slices (default: {default_source()})")
+    p.add_argument("--slices", type=int, default=300, help="slices per series (default 300)")
+    p.add_argument("--repeat", type=int, default=3, help="measurements per cell (default 3)")
+    p.add_argument("--warmup", type=int, default=8, help="files sent before each measurement (default 8)")
+    p.add_argument("--receivers", type=int, default=None, help="RADNODE_RECEIVERS (default: radnode's own)")
+    p.add_argument("--settle", type=float, default=1.0, help="seconds of quiet before each measurement")
+    p.add_argument("--json", type=Path, default=None, help="write the figures to this file")
+    p.add_argument("--tmp", type=Path, default=None, help="parent of the temporary work folder")
+    p.add_argument("--keep", action="store_true", help="keep the temporary work folder (series, storage, logs)")
+    args = p.parse_args(argv)
+    if args.slices < 4 or args.repeat < 1 or args.warmup < 0:
+        p.error("--slices must be >= 4, --repeat >= 1, --warmup >= 0")
+    return args
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if shutil.which("storescu") is None:
+        raise BenchError("storescu not found: apt-get install dcmtk")
+    source = (args.source or default_source()).resolve()
+    factory = SeriesFactory(load_templates(source))
+    work = Path(tempfile.mkdtemp(prefix="radnode-ingest-", dir=args.tmp))
+    (work / "logs").mkdir()
+    procs = Processes()
+    try:
+        print(f"work folder {work}", flush=True)
+        radnode = start_radnode(procs, work, args.receivers)
+        orthanc = start_orthanc(procs, work)
+        version = orthanc.get("/system").get("Version", "?")
+        print(f"radnode on port {radnode.port}, Orthanc {version} on port {orthanc.port}", flush=True)
+        targets: list[Target] = [radnode, orthanc]
+        results: dict[str, dict[int, Column]] = {t.name: {n: Column() for n in ASSOCIATIONS} for t in targets}
+        sent = {t.name: 0 for t in targets}
+        for r in range(args.repeat):
+            for n in ASSOCIATIONS:
+                for target in targets:  # alternate: radnode, Orthanc, radnode, Orthanc, ...
+                    label = f"{target.name.lower()}-{n}assoc-{r + 1}"
+                    rate = measure(
+                        procs, target, factory, work, n, args.slices, args.warmup, label, args.keep, args.settle
+                    )
+                    sent[target.name] += args.slices + max(args.warmup, n)
+                    results[target.name][n].runs.append(rate)
+                    print(f"  {target.name:<8} {n} assoc  run {r + 1}/{args.repeat}: {rate:7.1f} img/s", flush=True)
+        # Whole-run check: every instance sent to radnode (warm-ups included) has its row.
+        total = sum(se["instances"] for st in radnode.studies() for se in st["series"])
+        if total != sent["radnode"]:
+            raise BenchError(f"radnode holds {total} instances, {sent['radnode']} were sent")
+        orthanc_total = int(orthanc.get("/statistics")["CountInstances"])
+        if orthanc_total != sent["Orthanc"]:
+            raise BenchError(f"Orthanc holds {orthanc_total} instances, {sent['Orthanc']} were sent")
+        print(f"verified: radnode holds {total} instances, Orthanc {orthanc_total}", flush=True)
+        bytes_per_series = sum(f.stat().st_size for f in sorted(source.glob("*.dcm")))
+        bytes_per_series = bytes_per_series * args.slices // len(factory.templates)
+        print()
+        print(render(results, args.slices, args.repeat, bytes_per_series))
+        for target in targets:
+            findings = log_findings(target.log) if target is radnode else []
+            if findings:
+                print(f"\n{target.name} log has warnings/errors ({target.log}):")
+                print("\n".join("  " + ln for ln in findings))
+        return {
+            "slices": args.slices,
+            "repeat": args.repeat,
+            "warmup": args.warmup,
+            "receivers": args.receivers,
+            "source": str(source),
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+            "orthanc_version": version,
+            "results": {
+                name: {f"{n}_assoc": {"runs": c.runs, "best": c.best, "median": c.median} for n, c in cols.items()}
+                for name, cols in results.items()
+            },
+            "ratio": {
+                f"{n}_assoc": {
+                    "best": ratio(results["radnode"][n].best, results["Orthanc"][n].best),
+                    "median": ratio(results["radnode"][n].median, results["Orthanc"][n].median),
+                }
+                for n in ASSOCIATIONS
+            },
+            "target_ratio": TARGET_RATIO,
+        }
+    finally:
+        procs.close()
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        report = run(args)
+    except BenchError as exc:
+        print(f"ingest benchmark failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
