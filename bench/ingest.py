@@ -167,25 +167,24 @@ class Processes:
             self.procs.remove(proc)
 
     def close(self, grace: float = 20.0) -> None:
-        """SIGTERM every running process, wait `grace` seconds, then SIGKILL what is left."""
-        tree: list[psutil.Process] = []
-        for proc in self.procs:
+        """Newest first (senders before receivers): SIGTERM the process and its children, wait up to
+        `grace` seconds, then SIGKILL what is left."""
+        for proc in reversed(self.procs):
             if proc.poll() is not None:
                 continue
             try:
-                p = psutil.Process(proc.pid)
-                tree.extend([p, *p.children(recursive=True)])
-                p.terminate()
+                parent = psutil.Process(proc.pid)
+                tree = [parent, *parent.children(recursive=True)]
+                parent.terminate()
             except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(tree, timeout=grace)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=5)
-        for proc in self.procs:
+                continue
+            _, alive = psutil.wait_procs(tree, timeout=grace)
+            for p in alive:
+                try:
+                    p.kill()
+                except psutil.NoSuchProcess:
+                    pass
+            psutil.wait_procs(alive, timeout=5)
             if proc.poll() is None:
                 proc.wait(timeout=5)
         self.procs.clear()

@@ -89,7 +89,7 @@ def studies(
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table("study", "series", "modality", "instances", "state", "description")
+    table = Table("study", "series", "modality", "instances", "state", "description", box=None)
     for st in rows:
         table.add_row(st["study_uid"], "", "", "", st["state"], st["study_description"] or "")
         for se in st["series"]:
@@ -97,7 +97,9 @@ def studies(
                 "", se["series_uid"], se["modality"] or "", str(se["instances"]), se["state"],
                 se["series_description"] or "",
             )
-    Console().print(table)
+    out = Console()
+    out.width = max(out.width, 220)  # UIDs are shown whole, also when piped
+    out.print(table)
 
 
 def _host_port(value: str) -> tuple[str, int]:

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Install everything the radnode test suite needs on a Debian machine, start the services it
+# talks to when they are not running, then run the whole suite. Usage: bash scripts/test.sh [pytest args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+PY=${PYTHON:-python3}
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+# 1. Debian packages: DCMTK, Orthanc (+DICOMweb), dicom3tools (dciodvfy), PostgreSQL, Redis.
+need_pkgs=()
+command -v storescu >/dev/null || need_pkgs+=(dcmtk)
+command -v Orthanc >/dev/null || need_pkgs+=(orthanc)
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_pkgs+=(orthanc-dicomweb)
+command -v dciodvfy >/dev/null || need_pkgs+=(dicom3tools)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_pkgs+=(postgresql)
+command -v redis-server >/dev/null || need_pkgs+=(redis-server)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  echo "installing Debian packages: ${need_pkgs[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+
+# 2. PostgreSQL: use the one at RADNODE_TEST_PG (default 127.0.0.1:5432, user postgres, trust)
+#    if it answers; otherwise start a private throw-away cluster with trust auth.
+export RADNODE_TEST_PG=${RADNODE_TEST_PG:-postgresql://postgres@127.0.0.1:5432/postgres}
+if ! "$PY" - "$RADNODE_TEST_PG" <<'PYEOF' 2>/dev/null
+import socket, sys, urllib.parse
+u = urllib.parse.urlparse(sys.argv[1]); socket.create_connection((u.hostname, u.port or 5432), 2).close()
+PYEOF
+then
+  PGBIN=$(dirname "$(ls /usr/lib/postgresql/*/bin/initdb | sort -V | tail -1)")
+  PGDIR=/tmp/radnode-test-pg
+  PGPORT=55432
+  if ! "$PGBIN/pg_ctl" -D "$PGDIR" status >/dev/null 2>&1; then
+    rm -rf "$PGDIR" && mkdir -p "$PGDIR" && chown postgres "$PGDIR" 2>/dev/null || true
+    runpg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+    runpg "$PGBIN/initdb" -D "$PGDIR" -U postgres --auth=trust >/dev/null
+    runpg "$PGBIN/pg_ctl" -D "$PGDIR" -o "-p $PGPORT -k /tmp -c listen_addresses=127.0.0.1" -l "$PGDIR/log" -w start >/dev/null
+  fi
+  export RADNODE_TEST_PG=postgresql://postgres@127.0.0.1:$PGPORT/postgres
+  echo "using a private PostgreSQL on port $PGPORT"
+fi
+
+# 3. Redis (the production broker) when not running.
+if ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; then
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null
+fi
+
+# 4. The virtual environment with radnode and its test dependencies.
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
+
+# 5. The suite. Nothing may be fetched from a model hub at run time.
+export HF_HUB_OFFLINE=1
+export RADNODE_TEST_DATA=${RADNODE_TEST_DATA:-$ROOT/../shared/data}
+exec .venv/bin/python -m pytest -p no:cacheprovider -rs "$@"
