@@ -34,7 +34,7 @@ Targets
 Usage
     .venv/bin/python bench/ingest.py [--slices 300] [--repeat 3] [--receivers N] [--json FILE]
 
-Needs ``storescu`` (Debian package ``dcmtk``) and ``Orthanc`` (package ``orthanc``).
+Needs ``storescu`` and ``echoscu`` (Debian package ``dcmtk``) and ``Orthanc`` (package ``orthanc``).
 """
 
 from __future__ import annotations
@@ -196,12 +196,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def port_open(port: int) -> bool:
+def dicom_echo(ae: str, port: int) -> bool:
+    """True when a C-ECHO (DCMTK echoscu) to 127.0.0.1:`port` succeeds.
+
+    A real association rather than a bare TCP connect: pynetdicom counts a connection that closes
+    before its A-ASSOCIATE-RQ as an active association for a while, which delays radnode's shutdown.
+    """
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
+        done = subprocess.run(
+            ["echoscu", "-to", "5", "-aec", ae, "127.0.0.1", str(port)],
+            stdin=subprocess.DEVNULL, capture_output=True, timeout=15, check=False,
+        )
+    except subprocess.TimeoutExpired:
         return False
+    return done.returncode == 0
 
 
 def tail(path: Path, lines: int = 20) -> str:
@@ -317,7 +325,7 @@ def start_radnode(procs: Processes, work: Path, receivers: int | None) -> Radnod
         )
 
     wait_until("radnode start", running, proc, log, timeout=120)
-    wait_until("radnode DICOM port", lambda: port_open(port), proc, log, timeout=30)
+    wait_until("radnode C-ECHO", lambda: dicom_echo(RADNODE_AE, port), proc, log, timeout=30)
     return Radnode("radnode", RADNODE_AE, port, log, env=env, command=command)
 
 
@@ -360,7 +368,7 @@ def start_orthanc(procs: Processes, work: Path) -> Orthanc:
             return False
 
     wait_until("Orthanc REST", rest_up, proc, log, timeout=60)
-    wait_until("Orthanc DICOM port", lambda: port_open(dicom_port), proc, log, timeout=30)
+    wait_until("Orthanc C-ECHO", lambda: dicom_echo(ORTHANC_AE, dicom_port), proc, log, timeout=30)
     return target
 
 
@@ -503,8 +511,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    if shutil.which("storescu") is None:
-        raise BenchError("storescu not found: apt-get install dcmtk")
+    for tool in ("storescu", "echoscu"):
+        if shutil.which(tool) is None:
+            raise BenchError(f"{tool} not found: apt-get install dcmtk")
     source = (args.source or default_source()).resolve()
     factory = SeriesFactory(load_templates(source))
     work = Path(tempfile.mkdtemp(prefix="radnode-ingest-", dir=args.tmp))
