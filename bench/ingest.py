@@ -22,10 +22,18 @@ What it measures
     * Orthanc (``/usr/sbin/Orthanc``, Debian package ``orthanc``) with a minimal config (no plugins,
       no compression, ``ConcurrentJobs`` 2) and env TCP_NODELAY=1.
 
+    Each receiver counts as started when it answers a C-ECHO (DCMTK ``echoscu``); radnode also
+    when it has printed "radnode ... running".
+
     Targets are measured alternately (radnode, Orthanc, radnode, Orthanc, ...) so machine noise
     affects both. Every send must exit 0 with no error lines, and the number of stored instances is
     checked on both sides (``radnode studies --json``; Orthanc's REST API), so a failing receiver
     cannot look fast.
+
+Caveats
+    The two receivers do not promise the same: radnode fsyncs every instance before answering
+    0x0000, Orthanc does not. Orthanc answers with its default maximum PDU (16 KiB), radnode with
+    none (storescu then sends 128 KiB PDUs). Sender and receivers share the machine's cores.
 
 Targets
     Orthanc 1.10 measured ~174 img/s (1 assoc) and ~369 img/s (4 assoc) on a 2-core machine with a
@@ -53,7 +61,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +78,7 @@ ASSOCIATIONS = (1, 4)
 TARGET_RATIO = 1.2
 RADNODE_AE = "RADNODE"
 ORTHANC_AE = "ORTHANC"
+SEND_TIMEOUT = 600.0  # seconds: a receiver that stops answering fails the run instead of hanging it
 
 
 class BenchError(RuntimeError):
@@ -219,7 +228,7 @@ def tail(path: Path, lines: int = 20) -> str:
         return ""
 
 
-def wait_until(what: str, check: Any, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+def wait_until(what: str, check: Callable[[], bool], proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
     """Poll `check()` until true; raises BenchError if `proc` exits or `timeout` passes."""
     deadline = time.monotonic() + timeout
     while not check():
@@ -389,7 +398,7 @@ def chunks(files: list[Path], n: int) -> list[list[Path]]:
 def send(procs: Processes, target: Target, files: list[Path], associations: int, logs: Path, label: str) -> float:
     """Send `files` over `associations` parallel storescu; returns seconds from start to last exit.
 
-    Raises BenchError when a storescu exits non-zero or logs an error.
+    Raises BenchError when a storescu exits non-zero, logs an error or runs past SEND_TIMEOUT.
     """
     env = {**os.environ, "TCP_NODELAY": "1"}
     parts = chunks(files, associations)
@@ -401,7 +410,10 @@ def send(procs: Processes, target: Target, files: list[Path], associations: int,
         procs.start(["storescu", "-aec", target.ae, "127.0.0.1", str(target.port), *map(str, part)], env, log)
         for part, log in zip(parts, log_paths, strict=True)
     ]
-    codes = [p.wait() for p in running]
+    try:
+        codes = [p.wait(timeout=max(1.0, started + SEND_TIMEOUT - time.perf_counter())) for p in running]
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"storescu to {target.name} ({label}) still running after {SEND_TIMEOUT:g} s") from None
     elapsed = time.perf_counter() - started
     for p in running:
         procs.forget(p)
@@ -487,9 +499,13 @@ def render(results: dict[str, dict[int, Column]], slices: int, repeat: int, byte
 
 
 def log_findings(log: Path) -> list[str]:
-    """Warning/error/traceback lines in a receiver log (at most 10)."""
+    """Warning/error/traceback lines of a receiver log (radnode's format, Orthanc's E lines), at most 10."""
     keys = (" WARNING ", " ERROR ", " CRITICAL ", "Traceback")
-    lines = [ln for ln in log.read_text(errors="replace").splitlines() if any(k in ln for k in keys)]
+    lines = [
+        ln
+        for ln in log.read_text(errors="replace").splitlines()
+        if any(k in ln for k in keys) or (ln[:1] == "E" and ln[1:5].isdigit())
+    ]
     return lines[:10]
 
 
@@ -551,7 +567,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print()
         print(render(results, args.slices, args.repeat, bytes_per_series))
         for target in targets:
-            findings = log_findings(target.log) if target is radnode else []
+            findings = log_findings(target.log)
             if findings:
                 print(f"\n{target.name} log has warnings/errors ({target.log}):")
                 print("\n".join("  " + ln for ln in findings))
