@@ -125,6 +125,7 @@ class Receiver:
         return StoreOutcome(Status.SUCCESS, new)
 
     def handle_association(self, event: evt.Event) -> None:
+        event.assoc.dul._run_loop_delay = _ShortSleeps.POLL_SECONDS  # see tighten_polling
         log.info("association from AE %s (%s)", event.assoc.requestor.ae_title, event.assoc.requestor.address)
 
 
@@ -186,6 +187,26 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
         ctx.load_verify_locations(str(settings.tls_ca))
         ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
+
+
+class _ShortSleeps:
+    """pynetdicom's association reactor polls its queues with 1 ms sleeps, which adds up to ~2 ms of
+    idle latency to every C-STORE round trip. Cap its sleeps at POLL_SECONDS in the receivers."""
+
+    POLL_SECONDS = 0.0002
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(min(seconds, self.POLL_SECONDS))
+
+
+def tighten_polling() -> None:
+    """Shorten pynetdicom's polling sleeps in this process (receiver processes only)."""
+    import pynetdicom.association
+
+    pynetdicom.association.time = _ShortSleeps()  # type: ignore[assignment]
 
 
 def build_ae(settings: Settings) -> AE:
@@ -253,6 +274,7 @@ def receiver_main(settings_data: dict[str, Any], index: int, ready: Any) -> None
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    tighten_polling()
     store = InstanceStore(settings.instances_dir, settings.tmp_dir, settings.min_free_bytes)
     engine = make_engine(settings.db_url)
     receiver = Receiver(settings, store, make_sessionmaker(engine))
