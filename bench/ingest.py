@@ -309,7 +309,7 @@ def radnode_command() -> list[str]:
     return [sys.executable, "-m", "node.cli"]
 
 
-def start_radnode(procs: Processes, work: Path, receivers: int | None) -> Radnode:
+def start_radnode(procs: Processes, work: Path, receivers: int | None, database_url: str | None = None) -> Radnode:
     """Start `radnode run` on a free loopback port; returns when it said "running" and the port answers."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RADNODE_")}  # hermetic settings
@@ -323,8 +323,11 @@ def start_radnode(procs: Processes, work: Path, receivers: int | None) -> Radnod
     )
     if receivers is not None:
         env["RADNODE_RECEIVERS"] = str(receivers)
-    log = work / "logs" / "radnode.log"
     command = radnode_command()
+    if database_url:  # e.g. a PostgreSQL database made for the run; migrated explicitly as in production
+        env["RADNODE_DATABASE_URL"] = database_url
+        subprocess.run([*command, "db", "upgrade"], env=env, check=True, capture_output=True)
+    log = work / "logs" / "radnode.log"
     proc = procs.start([*command, "run"], env, log)
 
     def running() -> bool:
@@ -516,6 +519,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=3, help="measurements per cell (default 3)")
     p.add_argument("--warmup", type=int, default=8, help="files sent before each measurement (default 8)")
     p.add_argument("--receivers", type=int, default=None, help="RADNODE_RECEIVERS (default: radnode's own)")
+    p.add_argument("--database-url", default=None, help="RADNODE_DATABASE_URL (default: embedded SQLite)")
     p.add_argument("--settle", type=float, default=1.0, help="seconds of quiet before each measurement")
     p.add_argument("--json", type=Path, default=None, help="write the figures to this file")
     p.add_argument("--tmp", type=Path, default=None, help="parent of the temporary work folder")
@@ -537,7 +541,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     procs = Processes()
     try:
         print(f"work folder {work}", flush=True)
-        radnode = start_radnode(procs, work, args.receivers)
+        radnode = start_radnode(procs, work, args.receivers, args.database_url)
         orthanc = start_orthanc(procs, work)
         version = orthanc.get("/system").get("Version", "?")
         print(f"radnode on port {radnode.port}, Orthanc {version} on port {orthanc.port}", flush=True)
