@@ -38,7 +38,6 @@ class Status:
     SOP_CLASS_MISMATCH = 0xA900  # data set does not match SOP class
     CANNOT_UNDERSTAND = 0xC210  # cannot decode the data set
     INVALID_UID = 0xC211  # a UID is not a valid DICOM UID
-    PROCESSING_FAILURE = 0x0110
 
 
 def _status(code: int, comment: str) -> Dataset:

@@ -86,11 +86,10 @@ def test_every_shared_folder_with_pynetdicom(node, data_root):
         assert files, folder
         acked: list[Path] = []
 
-        def progress(f: Path, code: int) -> None:
-            if code == 0:
-                acked.append(f)
-
-        report = send(files, "127.0.0.1", node.port, node.ae_title, "TESTSCU", progress=progress)
+        report = send(
+            files, "127.0.0.1", node.port, node.ae_title, "TESTSCU",
+            progress=lambda f, code, acked=acked: acked.append(f) if code == 0 else None,
+        )
         failures += report.failed
         for f in acked:
             sent[str(dcmread(f, stop_before_pixels=True).SOPInstanceUID)] = f  # last copy of a UID wins
@@ -365,7 +364,7 @@ def test_kill9_during_transfer_keeps_every_acknowledged_instance(start_node, ct_
     node.start()
     check_stored(node, {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID): f for f in acked})
     for f in list(stored_files(node).values())[:5]:
-        dcmread(f).pixel_array  # readable
+        assert dcmread(f).pixel_array.shape == (512, 512)  # readable
     assert echo("127.0.0.1", node.port, node.ae_title) == 0
 
 
@@ -379,3 +378,26 @@ def test_receivers_are_restarted(node, ct_dir):
     assert len(psutil.Process(node.proc.pid).children()) >= 2
     for _ in range(4):  # every receiver answers
         assert echo("127.0.0.1", node.port, node.ae_title) == 0
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_database_down_is_out_of_resources_then_recovers(start_node, ct_dir, db_url):
+    """PostgreSQL refusing connections: 0xA700 (the sender retries), no crash; accepted again after."""
+    import psycopg
+
+    from tests.conftest import PG_ADMIN_URL
+
+    node = start_node()
+    name = db_url.rsplit("/", 1)[1]
+    files = sorted(ct_dir.glob("*.dcm"))[:2]
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+        try:
+            report = send(files[:1], "127.0.0.1", node.port, node.ae_title)
+            assert report.sent == 0 and "0xA700" in report.failed[0][1], report.failed
+        finally:
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+    report = send(files, "127.0.0.1", node.port, node.ae_title)
+    assert report.sent == 2, report.failed
+    check_stored(node, {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID): f for f in files})
