@@ -262,7 +262,8 @@ def stop_servers(ae: AE, servers: list[ThreadedAssociationServer], grace: float 
     for server in servers:
         server.shutdown()
     deadline = time.monotonic() + grace
-    while ae.active_associations and time.monotonic() < deadline:
+    # connections that never sent an association request (port probes) are not waited for
+    while any(a.is_established for a in ae.active_associations) and time.monotonic() < deadline:
         time.sleep(0.05)
 
 
