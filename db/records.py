@@ -107,31 +107,21 @@ class InstanceRecorder:
             if len(self._series_ids) >= self._max_cached:
                 self._series_ids.clear()
             self._series_ids[rec.series_uid] = series_id
-        stmt = _insert(session, Instance).values(
-            sop_instance_uid=rec.sop_instance_uid,
-            series_id=series_id,
-            sop_class_uid=rec.sop_class_uid,
-            transfer_syntax_uid=rec.transfer_syntax_uid,
-            path=rec.path,
-            size_bytes=rec.size_bytes,
-            number_of_frames=rec.number_of_frames,
-            calling_ae=rec.calling_ae,
-            received_at=now,
-            receive_count=1,
-        )
+        values = {
+            "sop_instance_uid": rec.sop_instance_uid,
+            "series_id": series_id,
+            "sop_class_uid": rec.sop_class_uid,
+            "transfer_syntax_uid": rec.transfer_syntax_uid,
+            "path": rec.path,
+            "size_bytes": rec.size_bytes,
+            "number_of_frames": rec.number_of_frames,
+            "calling_ae": rec.calling_ae,
+            "received_at": now,
+        }
+        stmt = _insert(session, Instance).values(**values, receive_count=1)
         stmt = stmt.on_conflict_do_update(
             index_elements=["sop_instance_uid"],
-            set_={
-                "series_id": stmt.excluded.series_id,
-                "sop_class_uid": stmt.excluded.sop_class_uid,
-                "transfer_syntax_uid": stmt.excluded.transfer_syntax_uid,
-                "path": stmt.excluded.path,
-                "size_bytes": stmt.excluded.size_bytes,
-                "number_of_frames": stmt.excluded.number_of_frames,
-                "calling_ae": stmt.excluded.calling_ae,
-                "received_at": stmt.excluded.received_at,
-                "receive_count": Instance.receive_count + 1,
-            },
+            set_={k: stmt.excluded[k] for k in values} | {"receive_count": Instance.receive_count + 1},
         ).returning(Instance.receive_count)
         return session.execute(stmt).scalar_one() == 1
 

@@ -10,7 +10,7 @@ import socket
 import ssl
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import fields
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -45,12 +45,6 @@ def _status(code: int, comment: str) -> Dataset:
     ds.Status = code
     ds.ErrorComment = comment[:64]
     return ds
-
-
-@dataclass
-class StoreOutcome:
-    status: int
-    new: bool = False
 
 
 class Receiver:
@@ -91,20 +85,20 @@ class Receiver:
         if header.sop_instance_uid != request.AffectedSOPInstanceUID:
             log.warning("C-STORE refused: SOP Instance UID in data set differs from the request")
             return _status(Status.SOP_CLASS_MISMATCH, "SOPInstanceUID differs from the C-STORE request")
-        return self.persist(header, data, calling).status
+        return self.persist(header, data, calling)
 
-    def persist(self, header: InstanceHeader, data: bytes, calling_ae: str | None) -> StoreOutcome:
+    def persist(self, header: InstanceHeader, data: bytes, calling_ae: str | None) -> int:
         """Durable write, then the row; a status for every failure. Shared by every receive path."""
         try:
             relative = self.store.write(header, data)
         except StorageFull as exc:
             log.error("C-STORE refused: %s", exc)
-            return StoreOutcome(Status.OUT_OF_RESOURCES)
+            return Status.OUT_OF_RESOURCES
         except InvalidUID:
-            return StoreOutcome(Status.INVALID_UID)
+            return Status.INVALID_UID
         except OSError:
             log.exception("C-STORE refused: could not write the instance")
-            return StoreOutcome(Status.OUT_OF_RESOURCES)
+            return Status.OUT_OF_RESOURCES
         rec = to_record(header, relative, len(data), calling_ae)
         try:
             with self.sessionmaker.begin() as session:
@@ -113,7 +107,7 @@ class Receiver:
             self.recorder.forget()
             # The file is on disk (a resend overwrites it; start-up reconciles it); the sender retries.
             log.exception("C-STORE refused: database unavailable")
-            return StoreOutcome(Status.OUT_OF_RESOURCES)
+            return Status.OUT_OF_RESOURCES
         log.debug(
             "stored instance %s series %s (%s, %d bytes)",
             uid_hash(header.sop_instance_uid),
@@ -121,36 +115,19 @@ class Receiver:
             "new" if new else "re-sent",
             len(data),
         )
-        return StoreOutcome(Status.SUCCESS, new)
+        return Status.SUCCESS
 
     def handle_association(self, event: evt.Event) -> None:
         event.assoc.dul._run_loop_delay = _ShortSleeps.POLL_SECONDS  # see tighten_polling
         log.info("association from AE %s (%s)", event.assoc.requestor.ae_title, event.assoc.requestor.address)
 
 
-_HEADER_FIELDS = [
-    "study_uid",
-    "series_uid",
-    "sop_instance_uid",
-    "sop_class_uid",
-    "transfer_syntax_uid",
-    "modality",
-    "body_part_examined",
-    "study_description",
-    "series_description",
-    "protocol_name",
-    "manufacturer",
-    "slice_thickness",
-    "image_type",
-    "series_number",
-    "number_of_frames",
-]
 
 
 def to_record(header: InstanceHeader, path: str, size_bytes: int, calling_ae: str | None) -> ReceivedInstance:
     """The job-table record of a stored instance."""
     return ReceivedInstance(
-        path=path, size_bytes=size_bytes, calling_ae=calling_ae, **{k: getattr(header, k) for k in _HEADER_FIELDS}
+        path=path, size_bytes=size_bytes, calling_ae=calling_ae, **{f.name: getattr(header, f.name) for f in fields(header)}
     )
 
 

@@ -161,9 +161,9 @@ def test_every_shared_folder_with_storescu(node, data_root, tmp_path):
     assert echo("127.0.0.1", node.port, node.ae_title, "TESTSCU") == 0
 
 
-@pytest.mark.skipif(not have("storescu"), reason="DCMTK storescu not installed")
 def test_parallel_associations_one_complete_series(node, ct_dir):
     """4 storescu associations at once with the 64-slice CT: 64 rows, 64 files, one study, one series."""
+    need(have("storescu"), "DCMTK storescu not installed")
     files = sorted(str(p) for p in ct_dir.glob("*.dcm"))
     env = {**os.environ, "TCP_NODELAY": "1"}
     procs = [
