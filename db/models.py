@@ -5,7 +5,19 @@ from __future__ import annotations
 import enum
 from datetime import UTC, datetime
 
-from sqlalchemy import BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Text, TypeDecorator
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -42,12 +54,27 @@ class SeriesState(enum.StrEnum):
 
 
 class JobState(enum.StrEnum):
+    """Job machine (db/jobs.py holds the allowed transitions)."""
+
     QUEUED = "queued"
     RUNNING = "running"
     ENCODED = "encoded"
     DELIVERED = "delivered"
     FAILED = "failed"
     SKIPPED = "skipped"
+
+
+class FailStage(enum.StrEnum):
+    """Where a failed job failed."""
+
+    INFER = "infer"
+    ENCODE = "encode"
+    DISPATCH = "dispatch"
+
+
+class Priority(enum.StrEnum):
+    STAT = "stat"
+    ROUTINE = "routine"
 
 
 class DeliveryState(enum.StrEnum):
@@ -103,6 +130,8 @@ class Series(Base):
     last_received_at: Mapped[datetime] = mapped_column(UTCDateTime)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     reopened_count: Mapped[int] = mapped_column(Integer, default=0)
+    routed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    route_note: Mapped[str | None] = mapped_column(Text, doc="why the series got these jobs, or none")
 
     study: Mapped[Study] = relationship(back_populates="series")
 
@@ -128,7 +157,7 @@ class Instance(Base):
 
 
 class Job(Base):
-    """One plugin run on one series; the state machine is filled in by the routing step."""
+    """One plugin run on one series (at most one per series and plugin)."""
 
     __tablename__ = "job"
 
@@ -136,18 +165,36 @@ class Job(Base):
     series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
     plugin: Mapped[str] = mapped_column(String(64))
     plugin_version: Mapped[str | None] = mapped_column(String(32))
+    rule: Mapped[str | None] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(STATE, default=JobState.QUEUED, index=True)
-    queue: Mapped[str | None] = mapped_column(String(64))
+    queue: Mapped[str] = mapped_column(String(64))
+    priority: Mapped[str] = mapped_column(String(16), default=Priority.ROUTINE)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     fail_stage: Mapped[str | None] = mapped_column(String(16))
-    reason: Mapped[str | None] = mapped_column(Text)
+    reason: Mapped[str | None] = mapped_column(Text, doc="why it failed or was skipped")
     weights_sha256: Mapped[str | None] = mapped_column(String(64))
+    worker: Mapped[str | None] = mapped_column(String(128), doc="host/process that ran the last attempt")
+    warnings: Mapped[list | None] = mapped_column(JSON)
+    findings: Mapped[dict | None] = mapped_column(JSON, doc="JSON summary of the plugin's Findings")
+    outputs: Mapped[list | None] = mapped_column(JSON, doc="paths of the objects written for this job")
+    timings: Mapped[dict | None] = mapped_column(JSON, doc="seconds per stage of the last attempt")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime, doc="last time its task was sent")
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    encoded_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    series: Mapped[Series] = relationship()
+
+    __table_args__ = (UniqueConstraint("series_id", "plugin", name="uq_job_series_plugin"),)
 
 
 class Delivery(Base):
-    """One job's results to one destination."""
+    """One job's results to one destination: pending -> sent | failed."""
 
     __tablename__ = "delivery"
 
@@ -158,4 +205,8 @@ class Delivery(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (UniqueConstraint("job_id", "destination", name="uq_delivery_job_destination"),)

@@ -232,6 +232,8 @@ def list_studies(session: Session, study_uid: str | None = None, limit: int = 20
                 "last_received_at": series.last_received_at.isoformat(),
                 "completed_at": series.completed_at.isoformat() if series.completed_at else None,
                 "reopened_count": series.reopened_count,
+                "routed_at": series.routed_at.isoformat() if series.routed_at else None,
+                "route_note": series.route_note,
             }
         )
     return [

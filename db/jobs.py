@@ -1,0 +1,280 @@
+"""Record step: the job state machine (allowed transitions, compare-and-set) and job queries."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from db.models import FailStage, Instance, Job, JobState, Series, SeriesState, Study, utcnow
+
+Q, R, E, D, F, S = (
+    JobState.QUEUED,
+    JobState.RUNNING,
+    JobState.ENCODED,
+    JobState.DELIVERED,
+    JobState.FAILED,
+    JobState.SKIPPED,
+)
+
+# The one table of allowed transitions. RUNNING -> QUEUED is the sweeper recovering a lost run;
+# a terminal state -> QUEUED is an operator's retry (or a reopened series being routed again).
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    Q: frozenset({R, S, F}),
+    R: frozenset({E, F, S, Q}),
+    E: frozenset({D, F, Q}),
+    D: frozenset({Q}),
+    F: frozenset({Q}),
+    S: frozenset({Q}),
+}
+TERMINAL = frozenset({E, D, F, S})  # nothing more happens without dispatch (issue 4) or a retry
+STAMP = {Q: "queued_at", R: "started_at", E: "encoded_at", D: "delivered_at", F: "finished_at", S: "finished_at"}
+
+
+class IllegalTransition(ValueError):
+    """A transition that the job state machine does not allow."""
+
+
+def transition(session: Session, job_id: int, src: JobState, dst: JobState, now: datetime | None = None,
+               **values: Any) -> bool:
+    """Compare-and-set `src -> dst` on one job, setting the stage timestamp and `values`.
+
+    Returns False when the job is no longer in `src` (another worker or the sweeper moved it):
+    the caller then does nothing. Raises IllegalTransition for a move the table forbids.
+    The caller commits.
+    """
+    if dst not in TRANSITIONS[JobState(src)]:
+        raise IllegalTransition(f"job {job_id}: {src} -> {dst} is not allowed")
+    now = now or utcnow()
+    stmt = (
+        update(Job)
+        .where(Job.id == job_id, Job.state == src)
+        .values(state=dst, updated_at=now, **{STAMP[JobState(dst)]: now}, **values)
+    )
+    return session.execute(stmt).rowcount == 1
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """A job the router wants for a series."""
+
+    plugin: str
+    plugin_version: str
+    rule: str
+    queue: str
+    priority: str
+
+
+def _insert(session: Session):
+    return (pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert)(Job)
+
+
+def create_jobs(session: Session, series_id: int, jobs: Sequence[NewJob], now: datetime) -> list[int]:
+    """Create the queued jobs of a series, at most one per plugin (a second routing adds none).
+
+    Returns the ids of the jobs created now. The caller commits, then enqueues.
+    """
+    created = []
+    for job in jobs:
+        stmt = (
+            _insert(session)
+            .values(
+                series_id=series_id, plugin=job.plugin, plugin_version=job.plugin_version, rule=job.rule,
+                queue=job.queue, priority=job.priority, state=JobState.QUEUED, attempts=0,
+                created_at=now, updated_at=now, queued_at=now,
+            )
+            .on_conflict_do_nothing(index_elements=["series_id", "plugin"])
+            .returning(Job.id)
+        )
+        job_id = session.execute(stmt).scalar_one_or_none()
+        if job_id is not None:
+            created.append(job_id)
+    return created
+
+
+_RESET = dict(
+    fail_stage=None, reason=None, warnings=None, findings=None, outputs=None, timings=None,
+    started_at=None, heartbeat_at=None, encoded_at=None, delivered_at=None, finished_at=None, enqueued_at=None,
+)
+
+
+def requeue(session: Session, job_id: int, now: datetime | None = None) -> bool:
+    """Put a finished job (encoded, delivered, failed, skipped) back in the queue with fresh attempts.
+
+    Returns False when the job is queued or running already. Raises LookupError for an unknown id.
+    The caller commits, then enqueues.
+    """
+    state = session.execute(select(Job.state).where(Job.id == job_id)).scalar_one_or_none()
+    if state is None:
+        raise LookupError(f"no job {job_id}")
+    if JobState(state) not in TERMINAL:
+        return False
+    return transition(session, job_id, JobState(state), Q, now, attempts=0, **_RESET)
+
+
+def requeue_series_jobs(session: Session, series_id: int, plugins: Iterable[str], now: datetime) -> list[int]:
+    """Re-run the finished jobs of a series that was reopened and routed again. Returns their ids."""
+    ids = session.execute(
+        select(Job.id).where(Job.series_id == series_id, Job.plugin.in_(list(plugins)), Job.state.in_(TERMINAL))
+    ).scalars().all()
+    return [i for i in ids if requeue(session, i, now)]
+
+
+def mark_enqueued(session: Session, job_ids: Iterable[int], now: datetime) -> None:
+    """Record that the jobs' tasks were handed to the broker (the sweeper's clock starts)."""
+    ids = list(job_ids)
+    if ids:
+        session.execute(update(Job).where(Job.id.in_(ids), Job.state == Q).values(enqueued_at=now))
+
+
+def start(session: Session, job_id: int, worker: str, now: datetime | None = None, **values: Any) -> bool:
+    """queued -> running for one attempt (counts it). False when another delivery of the task won."""
+    now = now or utcnow()
+    return transition(session, job_id, Q, R, now, attempts=Job.attempts + 1, worker=worker, heartbeat_at=now,
+                      fail_stage=None, reason=None, **values)
+
+
+def heartbeat(session: Session, job_id: int, now: datetime | None = None) -> bool:
+    """A running job is alive. False when it is no longer running (the sweeper took it back)."""
+    stmt = update(Job).where(Job.id == job_id, Job.state == R).values(heartbeat_at=now or utcnow())
+    return session.execute(stmt).rowcount == 1
+
+
+def fail(session: Session, job_id: int, src: JobState, stage: FailStage, reason: str, **values: Any) -> bool:
+    """`src -> failed` with the stage and reason (kept short enough to read in a table)."""
+    return transition(session, job_id, src, F, fail_stage=stage, reason=reason[:4000], **values)
+
+
+def skip(session: Session, job_id: int, src: JobState, reason: str, **values: Any) -> bool:
+    """`src -> skipped` with the reason (model unavailable, not applicable, ...)."""
+    return transition(session, job_id, src, S, reason=reason[:4000], **values)
+
+
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    """What one sweeper pass decided: jobs to (re-)enqueue and jobs given up."""
+
+    enqueue: list[tuple[int, str, str]]  # (job id, queue, priority)
+    requeued: list[int]
+    failed: list[int]
+
+
+def recover_lost(session: Session, now: datetime, *, lost_seconds: float, resend_seconds: float,
+                 max_attempts: int) -> Recovery:
+    """The sweeper's pass over the job table (the source of truth, not the broker).
+
+    - a running job whose heartbeat is older than `lost_seconds` lost its worker: back to queued,
+      or failed once it has used `max_attempts` attempts;
+    - a queued job never handed to the broker, or handed over more than `resend_seconds` ago and
+      still not started, is sent again (a duplicate message finds the job moved and exits).
+    The caller commits, then enqueues `enqueue` and marks them enqueued.
+    """
+    stale = now - timedelta(seconds=lost_seconds)
+    requeued, failed = [], []
+    rows = session.execute(
+        select(Job.id, Job.attempts).where(Job.state == R, or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale))
+    ).all()
+    for job_id, attempts in rows:
+        if attempts >= max_attempts:
+            reason = f"worker lost during each of {attempts} attempts (no heartbeat for {lost_seconds:g} s)"
+            if fail(session, job_id, R, FailStage.INFER, reason):
+                failed.append(job_id)
+        elif transition(session, job_id, R, Q, now, enqueued_at=None, heartbeat_at=None):
+            requeued.append(job_id)
+    resend = now - timedelta(seconds=resend_seconds)
+    due = session.execute(
+        select(Job.id, Job.queue, Job.priority)
+        .where(Job.state == Q, or_(Job.enqueued_at.is_(None), Job.enqueued_at < resend))
+        .order_by(Job.id)
+    ).all()
+    return Recovery(enqueue=[(i, q, p) for i, q, p in due], requeued=requeued, failed=failed)
+
+
+def series_paths(session: Session, series_id: int) -> list[str]:
+    """Relative storage paths of a series' instances, in arrival order."""
+    return list(
+        session.execute(select(Instance.path).where(Instance.series_id == series_id).order_by(Instance.id)).scalars()
+    )
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def job_dict(job: Job, series_uid: str, study_uid: str) -> dict[str, Any]:
+    """The JSON form of a job (`radnode jobs --json`)."""
+    return {
+        "id": job.id,
+        "study_uid": study_uid,
+        "series_uid": series_uid,
+        "plugin": job.plugin,
+        "plugin_version": job.plugin_version,
+        "rule": job.rule,
+        "queue": job.queue,
+        "priority": job.priority,
+        "state": job.state,
+        "attempts": job.attempts,
+        "warnings": job.warnings or [],
+        "error": job.reason if job.state == JobState.FAILED else None,
+        "fail_stage": job.fail_stage,
+        "reason": job.reason,
+        "outputs": job.outputs or [],
+        "findings": job.findings,
+        "timings": job.timings or {},
+        "weights_sha256": job.weights_sha256,
+        "worker": job.worker,
+        "created_at": _iso(job.created_at),
+        "queued_at": _iso(job.queued_at),
+        "started_at": _iso(job.started_at),
+        "encoded_at": _iso(job.encoded_at),
+        "delivered_at": _iso(job.delivered_at),
+        "finished_at": _iso(job.finished_at),
+        "updated_at": _iso(job.updated_at),
+    }
+
+
+def list_jobs(session: Session, state: str | None = None, plugin: str | None = None, study_uid: str | None = None,
+              limit: int = 200) -> list[dict[str, Any]]:
+    """Jobs newest first, optionally filtered."""
+    q = (
+        select(Job, Series.series_uid, Study.study_uid)
+        .join(Series, Job.series_id == Series.id)
+        .join(Study, Series.study_id == Study.id)
+        .order_by(Job.id.desc())
+        .limit(limit)
+    )
+    conditions = []
+    if state:
+        conditions.append(Job.state == state)
+    if plugin:
+        conditions.append(Job.plugin == plugin)
+    if study_uid:
+        conditions.append(Study.study_uid == study_uid)
+    if conditions:
+        q = q.where(and_(*conditions))
+    return [job_dict(job, se, st) for job, se, st in session.execute(q).all()]
+
+
+def series_to_route(session: Session, limit: int = 50) -> list[int]:
+    """Ids of complete series waiting to be routed, oldest first."""
+    return list(
+        session.execute(
+            select(Series.id).where(Series.state == SeriesState.COMPLETE).order_by(Series.completed_at).limit(limit)
+        ).scalars()
+    )
+
+
+def mark_routed(session: Session, series_id: int, note: str, now: datetime) -> bool:
+    """complete -> routed with the router's note. False when the series was reopened meanwhile."""
+    stmt = (
+        update(Series)
+        .where(Series.id == series_id, Series.state == SeriesState.COMPLETE)
+        .values(state=SeriesState.ROUTED, routed_at=now, route_note=note)
+    )
+    return session.execute(stmt).rowcount == 1

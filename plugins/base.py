@@ -1,0 +1,275 @@
+"""Plugin contract: manifest, the image a plugin receives, the Findings it returns, the Plugin class.
+
+This module imports nothing from the rest of radnode (and not torch): the node reads manifests to
+validate rules without loading any model; workers import a plugin's `factory` only when they run it.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+API_VERSION = 1
+SUPPORTED_API_VERSIONS = frozenset({1})
+QUEUES = ("gpu", "cpu")
+OUTPUT_KINDS = ("SR", "SEG", "SC")
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Code(_Model):
+    """A coded concept (DICOM Code Sequence item): value, scheme designator, meaning."""
+
+    value: str = Field(min_length=1, max_length=64)
+    scheme: str = Field(min_length=1, max_length=16, description="e.g. SCT, DCM, UCUM, 99RADNODE")
+    meaning: str = Field(min_length=1, max_length=64)
+
+
+class SegmentSpec(_Model):
+    """One segment a plugin can produce: a label (unique in the plugin) and its SNOMED CT codes."""
+
+    label: str = Field(min_length=1, max_length=64)
+    category: Code
+    type: Code
+
+
+class SeriesSelection(_Model):
+    """The series a plugin suits by default (rules may narrow it, never widen the modality)."""
+
+    body_parts: list[str] = Field(default_factory=list, description="normalised body parts, e.g. CHEST; empty = any")
+    min_slices: int = Field(1, ge=1)
+
+
+class Manifest(_Model):
+    """What a plugin is, as data. Registered under the entry-point group `radnode.plugins`."""
+
+    name: str
+    version: str = Field(min_length=1, max_length=32)
+    api_version: int = API_VERSION
+    title: str = ""
+    factory: str = Field(description='"pkg.module:callable" returning a Plugin; imported only in workers')
+    modalities: list[str] = Field(min_length=1)
+    outputs: list[Literal["SR", "SEG", "SC"]] = Field(default_factory=lambda: ["SR"])
+    segments: list[SegmentSpec] = Field(default_factory=list)
+    findings: list[Code] = Field(default_factory=list)
+    queue: Literal["gpu", "cpu"] = "cpu"
+    series: SeriesSelection = Field(default_factory=SeriesSelection)
+    weights: str | None = Field(
+        None, description="weights file under <models dir>/<name>/ (safetensors, TorchScript, ONNX); None = none"
+    )
+    reference_only: bool = Field(False, description="a template/test plugin: never routed by default rules")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError(f"plugin name must be lower-case letters, digits and '-': {v!r}")
+        return v
+
+    @field_validator("api_version")
+    @classmethod
+    def _api(cls, v: int) -> int:
+        if v not in SUPPORTED_API_VERSIONS:
+            raise ValueError(f"api_version {v} is not supported (this radnode speaks {sorted(SUPPORTED_API_VERSIONS)})")
+        return v
+
+    @field_validator("factory")
+    @classmethod
+    def _factory(cls, v: str) -> str:
+        if not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", v):
+            raise ValueError(f'factory must look like "package.module:callable", got {v!r}')
+        return v
+
+    @field_validator("modalities")
+    @classmethod
+    def _modalities(cls, v: list[str]) -> list[str]:
+        return [m.strip().upper() for m in v]
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: str | None) -> str | None:
+        if v is not None and (Path(v).is_absolute() or ".." in Path(v).parts or not v.strip()):
+            raise ValueError(f"weights must be a file name relative to the plugin's models folder, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_segments(self) -> Manifest:
+        labels = [s.label for s in self.segments]
+        if len(labels) != len(set(labels)):
+            raise ValueError("segment labels must be unique")
+        return self
+
+
+# --- what the core hands a plugin ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRef:
+    """The stored instance (and frame, for multi-frame) one slice/image/frame came from."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    frame_number: int | None = None
+
+
+@dataclass(frozen=True)
+class Image:
+    """Pixels + geometry built by the core from stored instances.
+
+    - kind "volume" (CT): `pixels` float32 (z, y, x) in HU, slices sorted by position along the
+      slice normal; `spacing` (z, y, x) in mm; `origin` = ImagePositionPatient of slice 0;
+      `direction` = (row cosines, column cosines, slice normal); one `sources` entry per slice.
+    - kind "image2d" (CR/DX/SC): `pixels` float32 (y, x), Modality and VOI LUT applied and
+      MONOCHROME1 inverted (high = bright); `spacing` (y, x) in mm when known; one source.
+    - kind "frames" (US): `pixels` (n, y, x) grey or (n, y, x, 3) RGB uint8; one source per frame.
+
+    `warnings` are the loader's series quality checks; `attrs` are non-identifying header values
+    (Modality, Manufacturer, SliceThickness, ConvolutionKernel, ...). No patient data.
+    """
+
+    kind: Literal["volume", "image2d", "frames"]
+    pixels: np.ndarray
+    spacing: tuple[float, ...]
+    sources: tuple[SourceRef, ...]
+    modality: str
+    origin: tuple[float, float, float] | None = None
+    direction: tuple[tuple[float, float, float], ...] | None = None
+    body_parts: frozenset[str] = frozenset()
+    warnings: tuple[str, ...] = ()
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+# --- what a plugin returns -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Classification:
+    """A finding's probability; positive when probability >= threshold."""
+
+    concept: Code
+    probability: float
+    threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.probability <= 1.0) or not (0.0 <= self.threshold <= 1.0):
+            raise ValueError(f"{self.concept.meaning}: probability and threshold must be in [0, 1]")
+
+    @property
+    def positive(self) -> bool:
+        return self.probability >= self.threshold
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """A binary mask aligned with `Image.pixels` (same leading shape) for one declared segment."""
+
+    segment: str
+    mask: np.ndarray
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """A numeric measurement with its UCUM unit, optionally about one segment."""
+
+    concept: Code
+    value: float
+    unit: str
+    segment: str | None = None
+
+
+@dataclass(frozen=True)
+class Heatmap:
+    """A float map in [0, 1] aligned with `Image.pixels` (spatial shape)."""
+
+    name: str
+    values: np.ndarray
+
+
+@dataclass
+class Findings:
+    """Everything one plugin run found, or why it does not apply."""
+
+    classifications: list[Classification] = field(default_factory=list)
+    segmentations: list[Segmentation] = field(default_factory=list)
+    measurements: list[Measurement] = field(default_factory=list)
+    heatmaps: list[Heatmap] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    summary: str = ""
+    not_applicable: str | None = None
+
+    @classmethod
+    def not_applicable_because(cls, reason: str) -> Findings:
+        return cls(not_applicable=reason, summary=f"not applicable: {reason}")
+
+    def validate(self, manifest: Manifest, image: Image) -> None:
+        """Check the findings against the manifest and the image. Raises ValueError."""
+        labels = {s.label for s in manifest.segments}
+        spatial = image.pixels.shape[:2] if image.kind == "image2d" else image.pixels.shape[:3]
+        for seg in self.segmentations:
+            if seg.segment not in labels:
+                raise ValueError(f"segment {seg.segment!r} is not declared in the manifest")
+            if seg.mask.shape != spatial:
+                raise ValueError(f"mask for {seg.segment!r} has shape {seg.mask.shape}, image has {spatial}")
+        for m in self.measurements:
+            if m.segment is not None and m.segment not in labels:
+                raise ValueError(f"measurement refers to undeclared segment {m.segment!r}")
+            if not np.isfinite(m.value):
+                raise ValueError(f"measurement {m.concept.meaning} is not a finite number")
+        for h in self.heatmaps:
+            if h.values.shape != spatial:
+                raise ValueError(f"heatmap {h.name!r} has shape {h.values.shape}, image has {spatial}")
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able summary (no arrays: masks and heatmaps are described by size)."""
+        return {
+            "not_applicable": self.not_applicable,
+            "summary": self.summary,
+            "warnings": list(self.warnings),
+            "classifications": [
+                {
+                    "concept": c.concept.model_dump(),
+                    "probability": c.probability,
+                    "threshold": c.threshold,
+                    "positive": c.positive,
+                }
+                for c in self.classifications
+            ],
+            "measurements": [
+                {"concept": m.concept.model_dump(), "value": m.value, "unit": m.unit, "segment": m.segment}
+                for m in self.measurements
+            ],
+            "segmentations": [
+                {"segment": s.segment, "voxels": int(np.count_nonzero(s.mask))} for s in self.segmentations
+            ],
+            "heatmaps": [{"name": h.name, "max": float(np.max(h.values)) if h.values.size else 0.0} for h in self.heatmaps],
+        }
+
+
+class WeightsUnavailable(RuntimeError):
+    """The plugin's weights file is missing or unreadable: the plugin is unavailable, jobs are skipped."""
+
+
+class Plugin(ABC):
+    """One model = one call. Built by the manifest's factory, loaded once per worker process."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+
+    @abstractmethod
+    def load(self, device: str, weights: Path | None) -> None:
+        """Load the model onto `device` ("cpu", "cuda", "cuda:1") from `weights` (None when the
+        manifest declares none). Raises WeightsUnavailable when the file cannot be used."""
+
+    @abstractmethod
+    def run(self, image: Image) -> Findings:
+        """Run on one series. Return `Findings.not_applicable_because(reason)` when the series does
+        not suit the model; raise on a genuine failure (the job is failed with the reason)."""
