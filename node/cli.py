@@ -1,8 +1,9 @@
-"""Command line: `radnode run | studies | echo | send | db upgrade`."""
+"""Command line: `radnode run | worker | studies | jobs | plugins | echo | send | db upgrade`."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -19,6 +20,8 @@ from node.settings import Settings, load_settings
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="radnode: an AI node beside the PACS.")
 db_app = typer.Typer(no_args_is_help=True, help="Job table maintenance.")
 app.add_typer(db_app, name="db")
+jobs_app = typer.Typer(help="List jobs (default) or act on one.")
+app.add_typer(jobs_app, name="jobs")
 console = Console(stderr=True)
 _state: dict[str, Path | None] = {"config": None}
 
@@ -49,7 +52,7 @@ def _setup_logging(s: Settings) -> None:
 
 @app.command()
 def run() -> None:
-    """Start the node: DICOM receivers, tracker (embedded default: SQLite, no broker server)."""
+    """Start the node: DICOM receivers, tracker, router, sweeper and an embedded worker (SQLite, no broker server)."""
     from node.service import Node, StartupError
 
     s = settings()
@@ -74,6 +77,31 @@ def studies(
 ) -> None:
     """List received studies with their series, state and instance counts."""
     from db.records import list_studies
+
+    with open_db()() as session:
+        rows = list_studies(session, study, limit)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table("study", "series", "modality", "instances", "state", "description", "routing", box=None)
+    for st in rows:
+        table.add_row(st["study_uid"], "", "", "", st["state"], st["study_description"] or "", "")
+        for se in st["series"]:
+            table.add_row(
+                "", se["series_uid"], se["modality"] or "", str(se["instances"]), se["state"],
+                se["series_description"] or "", se["route_note"] or "",
+            )
+    _wide_console().print(table)
+
+
+def _wide_console() -> Console:
+    out = Console()
+    out.width = max(out.width, 220)  # UIDs are shown whole, also when piped
+    return out
+
+
+def open_db():
+    """A sessionmaker for the configured database; exits 1 with the reason if it is not usable."""
     from db.session import make_engine, make_sessionmaker
     from node.service import StartupError, prepare_database
 
@@ -84,22 +112,95 @@ def studies(
     except StartupError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from None
-    with make_sessionmaker(engine)() as session:
-        rows = list_studies(session, study, limit)
+    except Exception as exc:
+        console.print(f"[red]database unavailable: {type(exc).__name__}: {exc}[/red]")
+        raise typer.Exit(1) from None
+    return make_sessionmaker(engine)
+
+
+@app.command()
+def worker(
+    queues: Annotated[str, typer.Option(help="comma-separated queues: gpu, cpu, dispatch, gpu.NAME")] = "gpu,cpu,dispatch",
+    concurrency: Annotated[int, typer.Option(min=1, help="worker processes")] = 1,
+    name: Annotated[str | None, typer.Option(help="worker name (default radnode@HOST-PID)")] = None,
+) -> None:
+    """Run a Celery worker for these queues (production: one per GPU host, `--queues gpu`)."""
+    settings()  # validate the configuration before handing over
+    args = [sys.executable, "-m", "workers", "--queues", queues, "--concurrency", str(concurrency)]
+    if name:
+        args += ["--name", name]
+    os.execv(sys.executable, args)  # the node never imports the worker code; the worker is its own program
+
+
+@jobs_app.callback(invoke_without_command=True)
+def jobs(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    state: Annotated[str | None, typer.Option(help="only jobs in this state")] = None,
+    plugin: Annotated[str | None, typer.Option(help="only this plugin's jobs")] = None,
+    study: Annotated[str | None, typer.Option(help="only this Study Instance UID")] = None,
+    limit: Annotated[int, typer.Option(min=1)] = 200,
+) -> None:
+    """List jobs, newest first: plugin, state, attempts, warnings, error, outputs."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from db.jobs import list_jobs
+
+    with open_db()() as session:
+        rows = list_jobs(session, state=state, plugin=plugin, study_uid=study, limit=limit)
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table("study", "series", "modality", "instances", "state", "description", box=None)
-    for st in rows:
-        table.add_row(st["study_uid"], "", "", "", st["state"], st["study_description"] or "")
-        for se in st["series"]:
-            table.add_row(
-                "", se["series_uid"], se["modality"] or "", str(se["instances"]), se["state"],
-                se["series_description"] or "",
-            )
-    out = Console()
-    out.width = max(out.width, 220)  # UIDs are shown whole, also when piped
-    out.print(table)
+    table = Table("id", "series", "plugin", "state", "tries", "queue", "warnings", "reason", box=None)
+    for j in rows:
+        table.add_row(
+            str(j["id"]), j["series_uid"], f"{j['plugin']} {j['plugin_version'] or ''}".strip(), j["state"],
+            str(j["attempts"]), j["queue"], str(len(j["warnings"])),
+            (f"{j['fail_stage']}: " if j["fail_stage"] else "") + (j["reason"] or ""),
+        )
+    _wide_console().print(table)
+
+
+@jobs_app.command("retry")
+def jobs_retry(job_id: Annotated[int, typer.Argument(help="job id")]) -> None:
+    """Run a finished job again (failed, skipped, encoded or delivered); the node sends it to a worker."""
+    from db.jobs import requeue
+
+    with open_db().begin() as session:
+        try:
+            moved = requeue(session, job_id)
+        except LookupError as exc:
+            console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(1) from None
+    if not moved:
+        console.print(f"job {job_id} is queued or running already")
+        raise typer.Exit(1)
+    print(f"job {job_id} queued again; the node sends it to a worker within its sweep period")
+
+
+@app.command()
+def plugins(as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+    """Installed plugins: name, version, queue, and whether each can run here (or why not)."""
+    from plugins.registry import discover, unavailable_reason
+
+    s = settings()
+    found = discover()
+    rows = [
+        {"name": m.name, "version": m.version, "queue": m.queue, "modalities": m.modalities,
+         "available": (why := unavailable_reason(m, s.models_path)) is None, "reason": why,
+         "reference_only": m.reference_only, "title": m.title}
+        for m in sorted(found.manifests.values(), key=lambda m: m.name)
+    ]
+    rows += [{"name": n, "version": None, "queue": None, "modalities": [], "available": False, "reason": e,
+              "reference_only": False, "title": ""} for n, e in sorted(found.errors.items())]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table("plugin", "version", "queue", "modalities", "status", box=None)
+    for r in rows:
+        table.add_row(r["name"], r["version"] or "", r["queue"] or "", ",".join(r["modalities"]),
+                      "available" if r["available"] else f"unavailable: {r['reason']}")
+    _wide_console().print(table)
 
 
 def _host_port(value: str) -> tuple[str, int]:

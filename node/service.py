@@ -1,26 +1,35 @@
-"""The node process (`radnode run`): migrate, reconcile, receiver processes, tracker, supervision."""
+"""The node process (`radnode run`): migrate, reconcile, receivers, tracker -> router -> sweeper, embedded worker."""
 
 from __future__ import annotations
 
 import logging
 import multiprocessing as mp
 import queue
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from db.migrate import current_revision, upgrade
 from db.models import utcnow
 from db.records import known_paths, record_instance
 from db.session import make_engine, make_sessionmaker
+from node.queueing import BASE_QUEUES, Enqueuer, is_embedded
+from node.router import Router
+from node.rules import RuleSet, RulesError, load_rules
 from node.scp import listen_addresses, spawn_receiver, to_record
 from node.settings import Settings
 from node.storage import InstanceStore, StorageError, read_header
+from node.sweeper import Sweeper
 from node.tracker import Tracker
+from plugins.registry import Discovery, discover, unavailable_reason
 
 log = logging.getLogger("radnode.node")
 
@@ -70,13 +79,33 @@ def reconcile(store: InstanceStore, sessionmaker: Any) -> int:
     return added
 
 
+def load_plugins_and_rules(settings: Settings) -> tuple[Discovery, RuleSet]:
+    """Discover plugins (broken ones are logged and left out) and validate the rules against them.
+
+    Raises StartupError naming the rules file and line of the first problem.
+    """
+    discovery = discover()
+    try:
+        rules = load_rules(settings.rules_file, discovery.manifests)
+    except (RulesError, OSError) as exc:
+        raise StartupError(f"invalid routing rules: {exc}") from exc
+    return discovery, rules
+
+
+def worker_queues(rules: RuleSet) -> list[str]:
+    """Every queue the embedded worker must serve: the base queues and any a rule names."""
+    extra = sorted({r.queue for r in rules.rules if r.queue} - set(BASE_QUEUES))
+    return [*BASE_QUEUES, *extra]
+
+
 @dataclass
 class Node:
-    """Supervises the receiver processes and runs the tracker in this process."""
+    """Supervises the receiver and worker processes; tracks, routes and sweeps in this process."""
 
     settings: Settings
     receivers: dict[int, mp.process.BaseProcess] = field(default_factory=dict)
     stop: threading.Event = field(default_factory=threading.Event)
+    worker: subprocess.Popen | None = None
 
     def start(self, auto_upgrade: bool = False) -> None:
         """Prepare the database and storage and start the receivers. Raises StartupError."""
@@ -92,6 +121,7 @@ class Node:
         except Exception as exc:
             raise StartupError(f"database unavailable: {type(exc).__name__}: {exc}") from exc
         self.sessionmaker = make_sessionmaker(self.engine)
+        self.discovery, self.rules = load_plugins_and_rules(s)
         removed = self.store.clean_tmp()
         if removed:
             log.info("removed %d partial file(s) left by an interrupted transfer", removed)
@@ -101,6 +131,19 @@ class Node:
             self.receivers[i] = spawn_receiver(s, i, self._ready)
         self._wait_ready(set(self.receivers))
         self.tracker = Tracker(self.sessionmaker, s.stable_seconds, min(s.sweep_seconds, s.stable_seconds / 2))
+        self.enqueuer = Enqueuer(s)
+        self.router = Router(self.sessionmaker, self.rules, self.discovery.manifests, self.enqueuer, s.instances_dir)
+        self.sweeper = Sweeper(self.sessionmaker, self.enqueuer, s)
+        if s.embedded_worker:
+            self._start_worker()
+
+    def _start_worker(self) -> None:
+        """The embedded worker: `python -m workers` in its own process, same settings (environment)."""
+        queues = ",".join(worker_queues(self.rules))
+        cmd = [sys.executable, "-m", "workers", "--queues", queues, "--concurrency",
+               str(self.settings.worker_concurrency), "--name", f"radnode-embedded@{os.uname().nodename}"]
+        self.worker = subprocess.Popen(cmd, env=os.environ.copy())
+        log.info("embedded worker started (pid %d, queues %s)", self.worker.pid, queues)
 
     def _wait_ready(self, pending: set[int], timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -124,12 +167,43 @@ class Node:
         lines.append(f"storage {s.data_path}")
         lines.append(f"database {self.engine.url.render_as_string(hide_password=True)}")
         lines.append(f"stable after {s.stable_seconds:g} s")
+        broker = "embedded (SQLite, no server)" if is_embedded(s) else _hide_password(s.broker)
+        worker = f"embedded worker x{s.worker_concurrency}" if s.embedded_worker else "external workers"
+        lines.append(f"broker {broker}; {worker}")
+        for name, manifest in sorted(self.discovery.manifests.items()):
+            why = unavailable_reason(manifest, s.models_path)
+            lines.append(f"plugin {name} {manifest.version} ({manifest.queue}): {why or 'available'}")
+        for name, error in sorted(self.discovery.errors.items()):
+            lines.append(f"plugin {name}: excluded ({error})")
+        lines.append(f"rules: {len(self.rules.rules)} from {s.rules_file or 'the default rules'}")
         if s.allowed_aes:
             lines.append("calling AE allow-list: " + ", ".join(s.allowed_aes))
         return lines
 
+    def pipeline_once(self) -> None:
+        """Complete stable series, route them to jobs. Raises SQLAlchemyError when the database is down."""
+        self.tracker.sweep()
+        self.router.route_pending()
+
+    def _pipeline(self) -> None:
+        """Tracker -> router every sweep period, sweeper every heartbeat period; outages are retried."""
+        next_sweep = 0.0
+        while not self.stop.wait(self.tracker.sweep_seconds):
+            try:
+                self.pipeline_once()
+                if time.monotonic() >= next_sweep:
+                    self.sweeper.sweep()
+                    next_sweep = time.monotonic() + self.settings.job_heartbeat_seconds
+            except SQLAlchemyError:
+                log.exception("pipeline pass failed (database); retrying")
+            except Exception:
+                log.exception("pipeline pass failed; retrying")
+
     def supervise_once(self) -> None:
-        """Restart any receiver that died (a crash must not close the port for good)."""
+        """Restart any receiver or embedded worker that died (a crash must not stop the node for good)."""
+        if self.worker is not None and self.worker.poll() is not None and not self.stop.is_set():
+            log.error("embedded worker exited with %s; restarting", self.worker.returncode)
+            self._start_worker()
         for index, proc in list(self.receivers.items()):
             if not proc.is_alive() and not self.stop.is_set():
                 log.error("receiver %d exited with %s; restarting", index, proc.exitcode)
@@ -143,7 +217,7 @@ class Node:
         """Run the tracker and supervision until SIGTERM/SIGINT, then shut down cleanly."""
         signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
         signal.signal(signal.SIGINT, lambda *_: self.stop.set())
-        tracker_thread = threading.Thread(target=self.tracker.run, args=(self.stop,), name="tracker", daemon=True)
+        tracker_thread = threading.Thread(target=self._pipeline, name="pipeline", daemon=True)
         tracker_thread.start()
         while not self.stop.wait(1.0):
             self.supervise_once()
@@ -152,6 +226,8 @@ class Node:
 
     def shutdown(self) -> None:
         self.stop.set()
+        if self.worker is not None and self.worker.poll() is None:
+            self.worker.terminate()  # Celery warm shutdown: finish the running task
         for proc in self.receivers.values():
             if proc.is_alive():
                 proc.terminate()  # SIGTERM: stop accepting, finish running associations
@@ -159,4 +235,21 @@ class Node:
             proc.join(timeout=15)
             if proc.is_alive():
                 proc.kill()
+        if self.worker is not None:
+            try:
+                self.worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.worker.kill()
+                self.worker.wait()
+        if hasattr(self, "enqueuer"):
+            self.enqueuer.close()
         log.info("node stopped")
+
+
+def _hide_password(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1]

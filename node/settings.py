@@ -73,6 +73,16 @@ class Settings(BaseSettings):
     )
     max_pdu: int = Field(0, ge=0, description="maximum PDU we accept (0 = unlimited)")
     sweep_seconds: float = Field(1.0, gt=0, description="how often the tracker looks for stable series")
+    rules_file: Path | None = Field(None, description="routing rules YAML; default: the packaged default rules")
+    embedded_worker: bool = Field(True, description="`radnode run` also starts a worker process (off in production)")
+    worker_concurrency: int = Field(1, ge=1, le=64, description="processes of the embedded worker")
+    device: str = Field("auto", description="model device: auto (CUDA when present), cpu, cuda, cuda:N")
+    job_heartbeat_seconds: float = Field(5.0, gt=0, description="a running job's heartbeat period")
+    job_lost_seconds: float = Field(60.0, gt=0, description="a running job without heartbeat this long is requeued")
+    job_resend_seconds: float = Field(
+        600.0, gt=0, description="a queued job not started this long after its task was sent is sent again"
+    )
+    job_max_attempts: int = Field(3, ge=1, description="runs of a job before it is failed as lost")
     log_json: bool = Field(False, description="log as JSON lines")
     log_level: str = Field("INFO")
     uid_hash_salt: SecretStr = Field(SecretStr(""), description="salt for the UID hashes in logs")
@@ -102,6 +112,10 @@ class Settings(BaseSettings):
             raise ValueError("tls_ca needs tls_cert and tls_key")
         if self.dicom_port == 0 and self.tls_cert is None:
             raise ValueError("dicom_port 0 disables plain TCP; then DICOM TLS must be configured")
+        if self.job_lost_seconds < 2 * self.job_heartbeat_seconds:
+            raise ValueError("job_lost_seconds must be at least twice job_heartbeat_seconds")
+        if not re.match(r"^(auto|cpu|cuda(:\d+)?|mps)$", self.device):
+            raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         return self
 
     @classmethod
@@ -138,6 +152,15 @@ class Settings(BaseSettings):
     @cached_property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_path / 'radnode.db'}"
+
+    @cached_property
+    def outputs_dir(self) -> Path:
+        return self.data_path / "outputs"
+
+    @cached_property
+    def broker(self) -> str:
+        """Celery broker URL: the configured one (Redis in production) or the embedded SQLite file."""
+        return self.broker_url or f"sqla+sqlite:///{self.data_path / 'broker.sqlite'}"
 
     @property
     def tls_enabled(self) -> bool:

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import logging
-import threading
 from datetime import datetime
-
-from sqlalchemy.exc import SQLAlchemyError
 
 from db.models import utcnow
 from db.records import complete_stable
@@ -32,11 +29,3 @@ class Tracker:
         for uid in studies:
             log.info("study %s complete", uid_hash(uid))
         return series, studies
-
-    def run(self, stop: threading.Event) -> None:
-        """Sweep until `stop` is set; a database outage is logged and retried, never fatal."""
-        while not stop.wait(self.sweep_seconds):
-            try:
-                self.sweep()
-            except SQLAlchemyError:
-                log.exception("tracker sweep failed; retrying")

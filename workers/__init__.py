@@ -1,1 +1,1 @@
-"""radnode workers: the Celery app and its tasks (filled by the routing/execution step)."""
+"""radnode workers: the Celery app and its tasks (thin: load job -> call plugin -> encode -> record)."""

@@ -1,0 +1,225 @@
+"""Infer step as a Celery task: load job -> load image -> run plugin -> write findings -> record. Ids in, ids out."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import jobs
+from db.models import FailStage, Job, JobState, Series, Study, utcnow
+from db.session import make_engine, make_sessionmaker
+from node.imaging import ImageLoadError, load_image
+from node.logs import uid_hash
+from node.queueing import TASK_INFER
+from node.results.findings import write_findings
+from node.router import normalise_body_part
+from node.settings import Settings, load_settings
+from plugins.base import Findings, Manifest, Plugin, WeightsUnavailable
+from plugins.registry import Discovery, build, discover, sha256_file, unavailable_reason, weights_path
+from workers.celery_app import app
+
+log = logging.getLogger("radnode.worker")
+
+
+def resolve_device(setting: str, manifest: Manifest) -> str:
+    """The device a plugin runs on: the setting, or for "auto" CUDA for GPU-queue plugins when present."""
+    if setting != "auto":
+        return setting
+    if manifest.queue != "gpu":
+        return "cpu"
+    try:
+        import torch
+    except ImportError:
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class _Heartbeat:
+    """Marks a running job alive every `period` seconds from a side thread."""
+
+    def __init__(self, maker: sessionmaker[Session], job_id: int, period: float) -> None:
+        self.maker, self.job_id, self.period = maker, job_id, period
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.period):
+            try:
+                with self.maker.begin() as session:
+                    if not jobs.heartbeat(session, self.job_id):
+                        log.warning("job %d is no longer running here (the sweeper took it back)", self.job_id)
+                        return
+            except Exception:
+                log.exception("job %d: heartbeat failed; retrying", self.job_id)
+
+    def __enter__(self) -> _Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+
+class WorkerRuntime:
+    """Per-process state: settings, database, discovered plugins, models loaded once."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine = make_engine(settings.db_url)
+        self.maker = make_sessionmaker(self.engine)
+        self.discovery: Discovery = discover()
+        self.plugins: dict[str, tuple[Plugin, str | None]] = {}
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+
+    def _plugin(self, manifest: Manifest) -> tuple[Plugin, str | None]:
+        """The loaded plugin and the SHA-256 of its weights (loaded once per process). Raises
+        WeightsUnavailable, PluginLoadError or whatever the plugin's load raises."""
+        cached = self.plugins.get(manifest.name)
+        if cached is not None:
+            return cached
+        path = weights_path(manifest, self.settings.models_path)
+        sha = sha256_file(path) if path is not None and path.is_file() else None
+        plugin = build(manifest)
+        plugin.load(resolve_device(self.settings.device, manifest), path)
+        self.plugins[manifest.name] = (plugin, sha)
+        return plugin, sha
+
+    def _finish(self, job_id: int, fn, *args: Any, **values: Any) -> bool:
+        with self.maker.begin() as session:
+            return fn(session, job_id, *args, **values)
+
+    def infer(self, job_id: int) -> str:
+        """Run one job if it is still queued. Returns the state it ends in (or why nothing ran).
+
+        Every failure becomes the job's `failed` (stage, reason) or `skipped` (reason); nothing
+        raises out of here except database errors (the task is then redelivered or swept).
+        """
+        with self.maker() as session:
+            row = session.execute(
+                Job.__table__.select().where(Job.id == job_id)
+            ).mappings().one_or_none()
+            if row is None:
+                log.warning("job %d does not exist; task dropped", job_id)
+                return "missing"
+            if row["state"] != JobState.QUEUED:
+                log.info("job %d is %s already; duplicate task ignored", job_id, row["state"])
+                return "duplicate"
+            series = session.get(Series, row["series_id"])
+            study = session.get(Study, series.study_id)
+            rel_paths = jobs.series_paths(session, series.id)
+        manifest = self.discovery.manifests.get(row["plugin"])
+        if manifest is None:
+            why = self.discovery.errors.get(row["plugin"], "not installed")
+            reason = f"plugin {row['plugin']} unavailable on worker {self.name}: {why}"
+            self._finish(job_id, jobs.fail, JobState.QUEUED, FailStage.INFER, reason)
+            return JobState.FAILED
+        unavailable = unavailable_reason(manifest, self.settings.models_path)
+        if unavailable:
+            self._finish(job_id, jobs.skip, JobState.QUEUED, unavailable, plugin_version=manifest.version)
+            log.warning("job %d skipped: %s", job_id, unavailable)
+            return JobState.SKIPPED
+        with self.maker.begin() as session:
+            if not jobs.start(session, job_id, self.name, plugin_version=manifest.version):
+                log.info("job %d was taken by another worker", job_id)
+                return "duplicate"
+        log.info("job %d started: plugin %s on series %s", job_id, manifest.name, uid_hash(series.series_uid))
+        with _Heartbeat(self.maker, job_id, self.settings.job_heartbeat_seconds):
+            return self._run(job_id, manifest, series, study, rel_paths, row)
+
+    def _run(self, job_id: int, manifest: Manifest, series: Series, study: Study, rel_paths: list[str],
+             row: Any) -> str:
+        timings: dict[str, float] = {}
+        if row["enqueued_at"] is not None:
+            timings["queue_wait"] = round((utcnow() - row["enqueued_at"]).total_seconds(), 3)
+        R = JobState.RUNNING
+        t = time.perf_counter()
+        try:
+            plugin, sha = self._plugin(manifest)
+        except WeightsUnavailable as exc:
+            self._finish(job_id, jobs.skip, R, f"model unavailable: {exc}")
+            return JobState.SKIPPED
+        except Exception as exc:
+            log.exception("job %d: plugin %s failed to load", job_id, manifest.name)
+            self._finish(job_id, jobs.fail, R, FailStage.INFER, f"model load: {type(exc).__name__}: {exc}")
+            return JobState.FAILED
+        timings["model_load"] = round(time.perf_counter() - t, 3)
+        common = {"weights_sha256": sha}
+        t = time.perf_counter()
+        try:
+            paths = [self.settings.instances_dir / p for p in rel_paths]
+            image = load_image(paths, min_slices=manifest.series.min_slices)
+            parts = normalise_body_part(series.body_part_examined, study.study_description,
+                                        series.series_description, series.protocol_name)
+            image = dataclasses.replace(image, body_parts=parts)
+        except ImageLoadError as exc:
+            self._finish(job_id, jobs.fail, R, FailStage.INFER, f"image load: {exc}", **common)
+            return JobState.FAILED
+        except Exception as exc:
+            log.exception("job %d: image load failed", job_id)
+            self._finish(job_id, jobs.fail, R, FailStage.INFER, f"image load: {type(exc).__name__}: {exc}",
+                         **common)
+            return JobState.FAILED
+        timings["image_load"] = round(time.perf_counter() - t, 3)
+        t = time.perf_counter()
+        try:
+            findings: Findings = plugin.run(image)
+            if not isinstance(findings, Findings):
+                raise TypeError(f"run() returned {type(findings).__name__}, not Findings")
+            findings.validate(manifest, image)
+        except Exception as exc:
+            log.exception("job %d: plugin %s failed", job_id, manifest.name)
+            self._finish(job_id, jobs.fail, R, FailStage.INFER, f"{type(exc).__name__}: {exc}",
+                         warnings=list(image.warnings), timings=timings, **common)
+            return JobState.FAILED
+        timings["infer"] = round(time.perf_counter() - t, 3)
+        warnings = list(dict.fromkeys([*image.warnings, *findings.warnings]))
+        if findings.not_applicable:
+            self._finish(job_id, jobs.skip, R, f"not applicable: {findings.not_applicable}", warnings=warnings,
+                         findings=findings.to_json(), timings=timings, **common)
+            return JobState.SKIPPED
+        t = time.perf_counter()
+        try:
+            meta = {"job_id": job_id, "plugin": manifest.name, "plugin_version": manifest.version,
+                    "weights_sha256": sha, "source_instances": len(image.sources)}
+            outputs = write_findings(findings, self.settings.outputs_dir / str(job_id), meta)
+        except Exception as exc:
+            log.exception("job %d: encoding failed", job_id)
+            self._finish(job_id, jobs.fail, R, FailStage.ENCODE, f"{type(exc).__name__}: {exc}",
+                         warnings=warnings, timings=timings, **common)
+            return JobState.FAILED
+        timings["encode"] = round(time.perf_counter() - t, 3)
+        done = self._finish(job_id, jobs.transition, R, JobState.ENCODED, warnings=warnings,
+                            findings=findings.to_json(), outputs=[str(p) for p in outputs], timings=timings,
+                            **common)
+        if not done:
+            log.warning("job %d finished here but was taken back meanwhile; result left to the new run", job_id)
+            return "superseded"
+        log.info("job %d encoded in %.2f s", job_id, sum(timings.values()) - timings.get("queue_wait", 0))
+        return JobState.ENCODED
+
+
+_runtime: WorkerRuntime | None = None
+_runtime_pid: int | None = None
+
+
+def runtime() -> WorkerRuntime:
+    """This process's runtime (created after fork, so no connection crosses processes)."""
+    global _runtime, _runtime_pid
+    if _runtime is None or _runtime_pid != os.getpid():
+        _runtime, _runtime_pid = WorkerRuntime(load_settings()), os.getpid()
+    return _runtime
+
+
+@app.task(name=TASK_INFER, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def infer(job_id: int) -> str:
+    """Celery entry: run job `job_id` (an id only; the job table says what to do)."""
+    return runtime().infer(int(job_id))
+
