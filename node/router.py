@@ -1,0 +1,352 @@
+"""Route step: decide which plugins a completed series goes to (rules + body-part check).
+
+The top of this module is pure: `normalise_body_part` turns BodyPartExamined and the descriptions into
+normalised body parts, `match` applies a validated RuleSet to a series' attributes. Neither touches
+disk, database or network, and neither evaluates expressions. Below them, `Router` applies the rules
+to complete series in the job table, runs the CT lung pixel check, creates the jobs and enqueues them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.jobs import NewJob, create_jobs, mark_enqueued, mark_routed, requeue_series_jobs, series_paths, series_to_route
+from db.models import Job, Series, Study, utcnow
+from node.imaging import ImageLoadError, LungCheck, check_lungs_in_files
+from node.logs import uid_hash
+from node.queueing import Enqueuer
+from node.rules import ContainsCondition, NumCondition, RuleSet, StrCondition
+from plugins.base import Manifest
+
+log = logging.getLogger("radnode.router")
+
+# --- body part normalisation -------------------------------------------------------------------------
+
+
+def _terms(spec: dict[str, str]) -> dict[str, frozenset[str]]:
+    """{"CHEST THORAX": "CHEST", ...} -> {"CHEST": {CHEST}, "THORAX": {CHEST}, ...} (parts space-separated)."""
+    return {term: frozenset(parts.split()) for terms, parts in spec.items() for term in terms.split()}
+
+
+# BodyPartExamined values (compacted: upper case, no spaces, '_' or '-') -> normalised body parts.
+_EXAMINED = _terms(
+    {
+        "CHEST THORAX LUNG LUNGS RIB RIBS STERNUM MEDIASTINUM": "CHEST",
+        "CHESTABDOMEN CHESTABD THORAXABDOMEN": "CHEST ABDOMEN",
+        "CHESTABDPELVIS CHESTABDOMENPELVIS CHESTTOPELVIS THORAXABDOMENPELVIS TORSO": "CHEST ABDOMEN PELVIS",
+        "ABDOMEN ABD LIVER KIDNEY PANCREAS": "ABDOMEN",
+        "ABDOMENPELVIS ABDPELVIS ABDOMENANDPELVIS": "ABDOMEN PELVIS",
+        "PELVIS HIP BLADDER": "PELVIS",
+        "PROSTATE": "PROSTATE",
+        "HEAD BRAIN SKULL ORBIT": "HEAD",
+        "HEADNECK HEADANDNECK": "HEAD NECK",
+        "NECK LARYNX THYROID": "NECK",
+        "SPINE CSPINE TSPINE LSPINE SSPINE CTSPINE TLSPINE LSSPINE WHOLESPINE SACRUM COCCYX": "SPINE",
+        "EXTREMITY UPPEREXTREMITY LOWEREXTREMITY ARM LEG HAND FOOT KNEE SHOULDER ELBOW WRIST ANKLE FEMUR"
+        " TIBIA FINGER TOE FOREARM": "EXTREMITY",
+        "BREAST": "BREAST",
+        "HEART CARDIAC CORONARY CORONARYARTERY": "HEART",
+        "WHOLEBODY": "WHOLEBODY",
+    }
+)
+
+
+@dataclass(frozen=True)
+class _Keyword:
+    """A pattern over normalised description words; ignored when a firm hit found one of `unless`."""
+
+    pattern: re.Pattern[str]
+    parts: frozenset[str]
+    unless: frozenset[str] = frozenset()
+
+
+def _kw(pattern: str, parts: str, unless: str = "") -> _Keyword:
+    return _Keyword(re.compile(rf"\b(?:{pattern})"), frozenset(parts.split()), frozenset(unless.split()))
+
+
+# Patterns run on lower-cased words joined by single spaces (ё -> е); `\b` opens each pattern, and a
+# trailing `\b` makes a whole word, `\w*` a stem ("грудн" matches "грудной", "таз" never "метастаз").
+# Adjectives that also name a spine level (thoracic, грудной, шейный) or a gland (грудных желез) are
+# weak: they do not count when the same text names the spine or the breast.
+_KEYWORDS = (
+    _kw(r"chest\b|lungs?\b|thorax\b|pulmo\w*|ctpa\b", "CHEST"),
+    _kw(r"thoracic\b", "CHEST", unless="SPINE"),
+    _kw(r"огк\b|легк\w*|легоч\w*|торакс\w*", "CHEST"),
+    _kw(r"грудн\w*|торакал\w*", "CHEST", unless="SPINE BREAST"),
+    _kw(r"head\b|brain\b|skull\b|crani\w*", "HEAD"),
+    _kw(r"голов(?!к)\w*|гм\b|череп\w*", "HEAD"),
+    _kw(r"мозг\w*", "HEAD", unless="SPINE"),
+    _kw(r"neck\b|ше[яиюй]\b|шеей\b", "NECK"),
+    _kw(r"шейн\w*", "NECK", unless="SPINE"),
+    _kw(r"abdom\w*|abd\b|брюшн\w*|обп\b|живот\w*|абдомин\w*", "ABDOMEN"),
+    _kw(r"pelvi\w*|таз\w*|омт\b|omt\b", "PELVIS"),
+    _kw(r"prostat\w*|простат\w*|предстат\w*", "PROSTATE"),
+    _kw(r"spine\b|spinal\b|[clt]spine\b|lumbar\b|vertebr\w*|позвон\w*|спинн\w*", "SPINE"),
+    _kw(r"knee\b|hand\b|foot\b|ankle\b|wrist\b|elbow\b|shoulder\b|extremit\w*|колен\w*|конечност\w*", "EXTREMITY"),
+    _kw(r"breast\b|mammo\w*|молочн\w*|маммо\w*|грудн\w* желез\w*", "BREAST"),
+    _kw(r"heart\b|cardi\w*|coronar\w*|сердц\w*|сердеч\w*|коронар\w*|кардио\w*", "HEART"),
+    _kw(r"whole ?body\b|total body\b|всего тела\b|все тело\b", "WHOLEBODY"),
+)
+
+_WORD_RE = re.compile(r"[^\W\d_]+")
+_CYRILLIC_RE = re.compile(r"[а-я]")
+_LATIN_RE = re.compile(r"[a-z]")
+_LOOKALIKES = str.maketrans("aceopxykmthb", "асеорхукмтнв")  # Latin letters typed for Cyrillic ones
+
+
+def _words(text: str) -> str:
+    """Lower-cased letter runs joined by spaces; a word mixing Latin lookalikes into Cyrillic is fixed."""
+    words = []
+    for word in _WORD_RE.findall(text.casefold().replace("ё", "е")):
+        if _CYRILLIC_RE.search(word) and _LATIN_RE.search(word):
+            word = word.translate(_LOOKALIKES)
+        words.append(word)
+    return " ".join(words)
+
+
+def _from_text(text: str) -> set[str]:
+    words = _words(text)
+    hits = [kw for kw in _KEYWORDS if kw.pattern.search(words)]
+    firm = {part for kw in hits if not kw.unless for part in kw.parts}
+    return firm | {part for kw in hits if kw.unless and not kw.unless & firm for part in kw.parts}
+
+
+def normalise_body_part(body_part_examined: str | None, *descriptions: str | None) -> frozenset[str]:
+    """Normalised body parts (see rules.BODY_PARTS) of a series.
+
+    A recognised BodyPartExamined wins alone; otherwise keywords (English and Russian) are searched in
+    the descriptions (StudyDescription, SeriesDescription, ProtocolName) and in an unrecognised
+    BodyPartExamined. Nothing recognised gives an empty set. Raises nothing.
+    """
+    texts = descriptions
+    if body_part_examined and body_part_examined.strip():
+        parts = _EXAMINED.get(re.sub(r"[\W_]+", "", body_part_examined).upper())
+        if parts:
+            return parts
+        texts = (body_part_examined, *descriptions)
+    found: set[str] = set()
+    for text in texts:
+        if text:
+            found |= _from_text(text)
+    return frozenset(found)
+
+
+# --- matching ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class SeriesAttrs:
+    """What `match` looks at for one series: header values, no patient data."""
+
+    modality: str | None = None
+    body_parts: frozenset[str] = frozenset()
+    sop_class_uid: str | None = None
+    calling_ae: str | None = None
+    manufacturer: str | None = None
+    series_description: str | None = None
+    study_description: str | None = None
+    protocol_name: str | None = None
+    slice_thickness: float | None = None
+    slice_count: int
+    image_type: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Match:
+    """One plugin to run on the series, with the rule that chose it."""
+
+    rule: str
+    plugin: str
+    queue: str
+    priority: Literal["stat", "routine"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The plugins to run, and human-readable reasons why nothing (or less) matched."""
+
+    matches: tuple[Match, ...]
+    reasons: tuple[str, ...]
+
+
+# `when` key -> SeriesAttrs field.
+ATTRIBUTES: Mapping[str, str] = {
+    "Modality": "modality",
+    "BodyPart": "body_parts",
+    "SOPClassUID": "sop_class_uid",
+    "CallingAE": "calling_ae",
+    "Manufacturer": "manufacturer",
+    "SeriesDescription": "series_description",
+    "StudyDescription": "study_description",
+    "ProtocolName": "protocol_name",
+    "SliceThickness": "slice_thickness",
+    "SliceCount": "slice_count",
+    "ImageType": "image_type",
+}
+_FREE_TEXT = frozenset({"SeriesDescription", "StudyDescription", "ProtocolName"})  # never echoed in reasons
+
+
+def _miss(key: str, cond: StrCondition | NumCondition | ContainsCondition, series: SeriesAttrs) -> str | None:
+    """Why `series` fails the condition on `key`, or None when it passes."""
+    value = getattr(series, ATTRIBUTES[key])
+    if isinstance(cond, ContainsCondition):
+        ok, shown = cond.test(value), "\\".join(value)
+    elif isinstance(cond, StrCondition) and key == "BodyPart":
+        ok, shown = cond.test_any(value), ", ".join(sorted(value))
+    else:
+        ok, shown = cond.test(value), "" if value is None else str(value)
+    if ok:
+        return None
+    if not shown:
+        return f"{key} missing, wanted {cond.expect()}"
+    if key in _FREE_TEXT:
+        return f"{key} does not match, wanted {cond.expect()}"
+    return f"{key} is {shown}, wanted {cond.expect()}"
+
+
+def _unsuitable(series: SeriesAttrs, manifest: Manifest) -> str | None:
+    """Why the plugin's manifest rules the series out (modality, slice count, body part), or None."""
+    if series.modality is None or series.modality.strip().upper() not in manifest.modalities:
+        return f"modality {series.modality or 'missing'} not in {', '.join(manifest.modalities)}"
+    if series.slice_count < manifest.series.min_slices:
+        return f"{series.slice_count} slice(s) < min_slices {manifest.series.min_slices}"
+    wanted = {part.upper() for part in manifest.series.body_parts}
+    if wanted and not wanted & series.body_parts:
+        found = ", ".join(sorted(series.body_parts)) or "unknown"
+        return f"body part {found} not in {', '.join(sorted(wanted))}"
+    return None
+
+
+def match(series: SeriesAttrs, rules: RuleSet, manifests: Mapping[str, Manifest]) -> Decision:
+    """Apply the rules in order to one series.
+
+    Each matching rule yields a Match per plugin (queue = the rule's or the manifest's, priority = the
+    rule's); a plugin already chosen by an earlier rule is not repeated. A plugin whose manifest rules
+    the series out (modality, min_slices, body parts) is left out with a reason. When no rule matches,
+    the reasons say why each rule missed. Pure; raises nothing.
+    """
+    matches: list[Match] = []
+    reasons: list[str] = []
+    misses: list[str] = []
+    seen: set[str] = set()
+    for rule in rules.rules:
+        failed = [m for key, cond in rule.when.conditions() if (m := _miss(key, cond, series)) is not None]
+        if failed:
+            misses.append(f"rule {rule.name}: {'; '.join(failed)}")
+            continue
+        for plugin in rule.plugins:
+            if plugin in seen:
+                continue
+            seen.add(plugin)
+            manifest = manifests.get(plugin)
+            why = "not installed" if manifest is None else _unsuitable(series, manifest)
+            if manifest is None or why is not None:
+                reasons.append(f"rule {rule.name}: plugin {plugin} left out: {why}")
+                continue
+            matches.append(Match(rule.name, plugin, rule.queue or manifest.queue, rule.priority))
+    if len(misses) == len(rules.rules):
+        reasons = ["no rule matched" if rules.rules else "no rules configured", *misses, *reasons]
+    return Decision(tuple(matches), tuple(reasons))
+
+
+# --- the route step: complete series -> job rows (reads the job table and pixels; not pure) -------
+
+
+def series_attrs(series: Series, study: Study) -> SeriesAttrs:
+    """What `match` looks at, from the job table's series and study rows."""
+    return SeriesAttrs(
+        modality=series.modality,
+        body_parts=normalise_body_part(
+            series.body_part_examined, study.study_description, series.series_description, series.protocol_name
+        ),
+        sop_class_uid=series.sop_class_uid,
+        calling_ae=series.calling_ae,
+        manufacturer=series.manufacturer,
+        series_description=series.series_description,
+        study_description=study.study_description,
+        protocol_name=series.protocol_name,
+        slice_thickness=series.slice_thickness,
+        slice_count=series.instance_count,
+        image_type=tuple(p.strip().upper() for p in (series.image_type or "").split("\\") if p.strip()),
+    )
+
+
+def needs_lung_check(manifest: Manifest, attrs: SeriesAttrs) -> bool:
+    """A chest-CT model runs only when the pixels show air-filled lungs inside the body."""
+    return (attrs.modality or "").upper() == "CT" and "CHEST" in manifest.series.body_parts
+
+
+class Router:
+    """Turns complete series into queued jobs, records why (or why not), then enqueues after commit."""
+
+    def __init__(self, maker: sessionmaker[Session], rules: RuleSet, manifests: Mapping[str, Manifest],
+                 enqueuer: Enqueuer, instances_dir: Path,
+                 lung_check: Callable[[Sequence[Path]], LungCheck] = check_lungs_in_files) -> None:
+        self.maker = maker
+        self.rules = rules
+        self.manifests = manifests
+        self.enqueuer = enqueuer
+        self.instances_dir = instances_dir
+        self.lung_check = lung_check
+
+    def route_pending(self) -> int:
+        """Route every complete series. Returns how many were routed. Raises SQLAlchemyError."""
+        with self.maker() as session:
+            pending = series_to_route(session)
+        for series_id in pending:
+            self.route_series(series_id)
+        return len(pending)
+
+    def _pixel_checks(self, matches: list[Match], attrs: SeriesAttrs, rel_paths: list[str]) -> tuple[list[Match],
+                                                                                                     list[str]]:
+        checked = [m for m in matches if needs_lung_check(self.manifests[m.plugin], attrs)]
+        if not checked:
+            return matches, []
+        try:
+            result = self.lung_check([self.instances_dir / p for p in rel_paths])
+        except ImageLoadError as exc:
+            result = LungCheck(found=False, volume_ml=0.0, reason=f"pixels unreadable ({exc})")
+        names = ", ".join(m.plugin for m in checked)
+        if result.found:
+            return matches, [f"CT pixel check for {names}: {result.reason}"]
+        return [m for m in matches if m not in checked], [f"{names} not run: CT pixel check: {result.reason}"]
+
+    def route_series(self, series_id: int) -> list[int]:
+        """Route one complete series: match the rules, run the pixel check, create the jobs and
+        mark the series routed in one transaction, then send the tasks. Returns the job ids sent
+        (the sweeper sends any the broker refused). Raises SQLAlchemyError."""
+        with self.maker() as session:
+            series = session.get(Series, series_id)
+            study = session.get(Study, series.study_id)
+            rel_paths = series_paths(session, series_id)
+        attrs = series_attrs(series, study)
+        decision = match(attrs, self.rules, self.manifests)
+        matches, notes = self._pixel_checks(list(decision.matches), attrs, rel_paths)
+        if matches:
+            note = "jobs: " + ", ".join(f"{m.plugin} (rule {m.rule})" for m in matches)
+            note = "; ".join([note, *notes, *decision.reasons])
+        else:
+            note = "; ".join([*notes, *decision.reasons]) or "no rule matched"
+        now = utcnow()
+        with self.maker.begin() as session:
+            if not mark_routed(session, series_id, note, now):
+                return []  # reopened by a late instance meanwhile: routed again once complete
+            new = [NewJob(m.plugin, self.manifests[m.plugin].version, m.rule, m.queue, m.priority) for m in matches]
+            ids = create_jobs(session, series_id, new, now)
+            if series.reopened_count:
+                ids += requeue_series_jobs(session, series_id, [m.plugin for m in matches], now)
+            items = session.execute(select(Job.id, Job.queue, Job.priority).where(Job.id.in_(ids))).all()
+        log.info("series %s routed: %s", uid_hash(series.series_uid), ", ".join(m.plugin for m in matches) or "no job")
+        sent = self.enqueuer.send([(i, q, p) for i, q, p in items])
+        if sent:
+            with self.maker.begin() as session:
+                mark_enqueued(session, sent, utcnow())
+        return sent
