@@ -58,7 +58,7 @@ class Stack:
         path.write_text(text)
         return path
 
-    def start(self, rules: str, env: dict[str, str] | None = None, **settings: str) -> NodeProcess:
+    def start(self, rules: str, env: dict[str, str] | None = None, worker: bool = True, **settings: str) -> NodeProcess:
         base = {
             "models_dir": str(self.models),
             "rules_file": str(self.rules(rules)),
@@ -76,7 +76,7 @@ class Stack:
             assert "database at revision" in node.cli("db", "upgrade").stdout
         self.nodes.append(node)
         node.start()
-        if self.kind == "redis":
+        if self.kind == "redis" and worker:
             self.start_worker()
         return node
 
@@ -292,3 +292,49 @@ def test_two_workers_twenty_series_no_duplicates(tmp_path: Path):
         drop_pg_database(name)
         redis.Redis.from_url(REDIS_URL).flushdb()
 
+
+
+def test_redis_honours_priority_and_dedicated_queues(tmp_path: Path):
+    need(_pg_available(), f"PostgreSQL not reachable at {PG_ADMIN_URL}")
+    need(_redis_available(), f"Redis not reachable at {REDIS_URL}")
+    import redis
+
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    name, url = create_pg_database()
+    stack = Stack("redis", tmp_path, url)
+    try:
+        node = stack.start(
+            "rules:\n"
+            "  - name: urgent\n    when: {Modality: CT, SeriesDescription: STAT}\n    plugins: [test-slow]\n"
+            "    priority: stat\n"
+            "  - name: routine\n    when: {Modality: CT, SeriesDescription: ROUTINE}\n    plugins: [test-slow]\n"
+            "  - name: dedicated\n    when: {Modality: CT, SeriesDescription: SEG}\n    plugins: [test-slow]\n"
+            "    queue: gpu.dedicated\n",
+            worker=False, stable_seconds="1",
+        )
+        files = []
+        for i, description in enumerate(["ROUTINE"] * 4 + ["STAT", "SEG"]):
+            files += write_ct_series(tmp_path / f"s{i}", kind="chest", slices=4, size=32,
+                                     series_description=description)
+        assert send(files, "127.0.0.1", node.port, node.ae_title, "CT1").sent == 24
+        # every task is in the broker before any worker runs
+        rows = stack.wait_jobs(lambda rows: len(rows) == 6)
+        with stack.maker() as session:
+            from db.models import Job
+
+            deadline = time.monotonic() + 30
+            while session.query(Job).filter(Job.enqueued_at.is_(None)).count() and time.monotonic() < deadline:
+                time.sleep(0.2)
+                session.expire_all()
+        stack.start_worker(queues="gpu,cpu")
+        rows = stack.wait_jobs(lambda rows: sum(r["state"] == "encoded" for r in rows) == 5)
+        by_rule = {r["rule"]: r for r in rows}
+        started = sorted((r for r in rows if r["started_at"]), key=lambda r: r["started_at"])
+        assert started[0]["rule"] == "urgent"  # queued last, run first
+        assert by_rule["dedicated"]["queue"] == "gpu.dedicated" and by_rule["dedicated"]["state"] == "queued"
+        stack.start_worker(queues="gpu.dedicated")  # a host dedicated to that model
+        stack.wait_jobs(lambda rows: all(r["state"] == "encoded" for r in rows))
+    finally:
+        stack.close()
+        drop_pg_database(name)
+        redis.Redis.from_url(REDIS_URL).flushdb()
