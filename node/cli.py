@@ -120,7 +120,9 @@ def open_db():
 
 @app.command()
 def worker(
-    queues: Annotated[str, typer.Option(help="comma-separated queues: gpu, cpu, dispatch, gpu.NAME")] = "gpu,cpu,dispatch",
+    queues: Annotated[
+        str, typer.Option(help="comma-separated queues: gpu, cpu, dispatch, gpu.NAME")
+    ] = "gpu,cpu,dispatch",
     concurrency: Annotated[int, typer.Option(min=1, help="worker processes")] = 1,
     name: Annotated[str | None, typer.Option(help="worker name (default radnode@HOST-PID)")] = None,
 ) -> None:

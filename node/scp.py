@@ -14,7 +14,7 @@ from dataclasses import fields
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
@@ -127,7 +127,10 @@ class Receiver:
 def to_record(header: InstanceHeader, path: str, size_bytes: int, calling_ae: str | None) -> ReceivedInstance:
     """The job-table record of a stored instance."""
     return ReceivedInstance(
-        path=path, size_bytes=size_bytes, calling_ae=calling_ae, **{f.name: getattr(header, f.name) for f in fields(header)}
+        path=path,
+        size_bytes=size_bytes,
+        calling_ae=calling_ae,
+        **{f.name: getattr(header, f.name) for f in fields(header)},
     )
 
 

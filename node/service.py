@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import queue
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -23,7 +23,7 @@ from db.records import known_paths, record_instance
 from db.session import make_engine, make_sessionmaker
 from node.queueing import BASE_QUEUES, Enqueuer, is_embedded
 from node.router import Router
-from node.rules import RuleSet, RulesError, load_rules
+from node.rules import RulesError, RuleSet, load_rules
 from node.scp import listen_addresses, spawn_receiver, to_record
 from node.settings import Settings
 from node.storage import InstanceStore, StorageError, read_header

@@ -250,7 +250,9 @@ class Findings:
             "segmentations": [
                 {"segment": s.segment, "voxels": int(np.count_nonzero(s.mask))} for s in self.segmentations
             ],
-            "heatmaps": [{"name": h.name, "max": float(np.max(h.values)) if h.values.size else 0.0} for h in self.heatmaps],
+            "heatmaps": [
+                {"name": h.name, "max": float(np.max(h.values)) if h.values.size else 0.0} for h in self.heatmaps
+            ],
         }
 
 

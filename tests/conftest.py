@@ -185,7 +185,9 @@ class NodeProcess:
         while time.monotonic() < deadline:
             for st in self.studies():
                 for series in st["series"]:
-                    if series["series_uid"] == series_uid and series["state"] == state:
+                    # a complete series is routed at once: routed implies complete
+                    ok = {state, "routed"} if state == "complete" else {state}
+                    if series["series_uid"] == series_uid and series["state"] in ok:
                         return series
             time.sleep(0.3)
         raise AssertionError(f"series never reached {state}: {series}")

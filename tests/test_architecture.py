@@ -34,3 +34,22 @@ def test_node_never_imports_workers():
 def test_plugins_do_not_import_the_core():
     for path, names in project_imports("plugins").items():
         assert not any(n.split(".")[0] in {"node", "db", "workers"} for n in names), (path, names)
+
+
+def test_plugin_contract_imports_nothing_from_the_project_nor_dicom_writers():
+    imports = project_imports("plugins")
+    assert imports["plugins/base.py"] == set()
+    for py in (REPO / "plugins").rglob("*.py"):
+        text = py.read_text()
+        for forbidden in ("import pynetdicom", "import highdicom", "from pynetdicom", "from highdicom"):
+            assert forbidden not in text, (py, forbidden)
+    for name in ("base.py", "registry.py"):  # manifests are read by the node without loading models
+        assert "import torch" not in (REPO / "plugins" / name).read_text()
+
+
+def test_manifests_import_without_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; import plugins.registry as r; r.discover(); assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)

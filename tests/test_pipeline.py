@@ -271,7 +271,8 @@ def test_two_workers_twenty_series_no_duplicates(tmp_path: Path):
         node = stack.start(
             "rules:\n"
             "  - name: all-ct\n    when: {Modality: CT}\n    plugins: [reference-threshold]\n"
-            "  - name: thin\n    when: {Modality: CT, SliceCount: {ge: 4}}\n    plugins: [test-slow, reference-threshold]\n"
+            "  - name: thin\n    when: {Modality: CT, SliceCount: {ge: 4}}\n"
+            "    plugins: [test-slow, reference-threshold]\n"
             "  - name: never\n    when: {Modality: CT, BodyPart: HEAD}\n    plugins: [test-raises]\n",
             stable_seconds="1",
         )

@@ -371,3 +371,11 @@ def test_all_errors_are_reported_in_line_order():
 
 def test_body_part_vocabulary_is_upper_case_defined_terms():
     assert all(part.isupper() and part.isalpha() for part in BODY_PARTS)
+
+
+def test_the_shipped_example_rules_are_valid():
+    from plugins.registry import discover
+
+    example = Path(__file__).resolve().parent.parent / "deploy" / "rules.example.yaml"
+    rules = load_rules(example, discover().manifests)
+    assert [r.name for r in rules.rules] == ["try-reference"]

@@ -91,3 +91,24 @@ def test_yaml_must_be_a_mapping(tmp_path):
     cfg.write_text("- a\n- b\n")
     with pytest.raises(ValueError, match="mapping"):
         load_settings(cfg)
+
+
+def test_the_example_settings_file_is_valid(monkeypatch):
+    example = Path(__file__).resolve().parent.parent / "deploy" / "radnode.example.yaml"
+    monkeypatch.setenv("RADNODE_CONFIG", str(example))  # restored after the test
+    s = load_settings(example)
+    assert s.rules_file == Path("/etc/radnode/rules.yaml") and s.embedded_worker is True
+    assert s.broker.startswith("sqla+sqlite:///")
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"job_heartbeat_seconds": 10, "job_lost_seconds": 15}, "at least twice"),
+        ({"device": "tpu"}, "device must be"),
+        ({"job_max_attempts": 0}, "greater than or equal to 1"),
+    ],
+)
+def test_execution_settings_are_validated(values, message):
+    with pytest.raises(ValidationError, match=message):
+        Settings(**values)

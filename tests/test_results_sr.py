@@ -1,0 +1,305 @@
+"""SR encoder: TID 1500 reports for the shared chest CT (with and without a SEG) and a DX classification."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from node.imaging import load_image
+from node.results.common import Provenance, series_number
+from node.results.sr import ABSENT, COMMENT, PRESENT, PROBABILITY, SUMMARY, encode_sr
+from plugins.base import Classification, Code, Findings, Image, Manifest, Measurement, Segmentation, SegmentSpec
+from plugins.reference_threshold import MANIFEST
+from plugins.reference_threshold.model import build, write_weights
+from tests.dicom_checks import assert_valid
+
+PATIENT_STUDY = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime",
+    "AccessionNumber", "StudyID", "ReferringPhysicianName",
+)  # fmt: skip
+PNEUMONIA = Code(value="233604007", scheme="SCT", meaning="Pneumonia")
+EFFUSION = Code(value="60046008", scheme="SCT", meaning="Pleural effusion")
+CXR_MANIFEST = Manifest(
+    name="cxr-test", version="0.1.0", factory="tests.none:build", modalities=["CR", "DX"],
+    findings=[PNEUMONIA, EFFUSION],
+    segments=[SegmentSpec(label="lung", category=Code(value="123037004", scheme="SCT", meaning="Anatomical Structure"),
+                          type=Code(value="39607008", scheme="SCT", meaning="Lung"))],
+)  # fmt: skip
+
+
+@dataclasses.dataclass
+class Case:
+    image: Image
+    findings: Findings
+    sources: dict[str, Dataset]
+    prov: Provenance
+    series_uid: str
+
+    def encode(self, tmp: Path, name: str = "sr.dcm", **kw) -> tuple[Dataset, hd.sr.Comprehensive3DSR]:
+        args = dict(findings=self.findings, image=self.image, sources=self.sources, prov=self.prov)
+        args |= kw
+        path = tmp / name
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # highdicom warns about the shared CT's one-component PatientName
+            sr = encode_sr(source_series_uid=self.series_uid, **args)
+            sr.save_as(path)
+        assert_valid(path)
+        return sr, hd.sr.srread(path)
+
+
+def _headers(paths: list[Path]) -> dict[str, Dataset]:
+    datasets = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    return {str(ds.SOPInstanceUID): ds for ds in datasets}
+
+
+@pytest.fixture(scope="module")
+def ct(ct_dir: Path, tmp_path_factory) -> Case:
+    paths = sorted(ct_dir.glob("*.dcm"))
+    image = load_image(paths)
+    plugin = build(MANIFEST)
+    plugin.load("cpu", write_weights(tmp_path_factory.mktemp("w") / "w.safetensors", 300.0))
+    findings = plugin.run(image)
+    sources = _headers(paths)
+    return Case(image, findings, sources, Provenance(MANIFEST), str(next(iter(sources.values())).SeriesInstanceUID))
+
+
+def _seg(case: Case, label: str, mask: np.ndarray) -> Dataset:
+    """A plain SEG of one mask (the real SEG encoder is tested in its own module)."""
+    spec = next(s for s in case.prov.manifest.segments if s.label == label)
+    description = hd.seg.SegmentDescription(
+        segment_number=1,
+        segment_label=spec.label,
+        segmented_property_category=_coded(spec.category),
+        segmented_property_type=_coded(spec.type),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=hd.AlgorithmIdentificationSequence(
+            name=case.prov.manifest.name,
+            version=case.prov.manifest.version,
+            family=codes.cid7162.ArtificialIntelligence,
+        ),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return hd.seg.Segmentation(
+            source_images=[case.sources[s.sop_instance_uid] for s in case.image.sources],
+            pixel_array=mask.astype(np.uint8),
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=[description],
+            series_instance_uid=pydicom.uid.generate_uid(),
+            series_number=1,
+            sop_instance_uid=pydicom.uid.generate_uid(),
+            instance_number=1,
+            manufacturer="test",
+            manufacturer_model_name="test",
+            software_versions="0",
+            device_serial_number="0",
+        )
+
+
+@pytest.fixture(scope="module")
+def ct_seg(ct: Case) -> Dataset:
+    return _seg(ct, MANIFEST.segments[0].label, ct.findings.segmentations[0].mask)
+
+
+@pytest.fixture(scope="module")
+def cxr(data_root: Path) -> Case:
+    paths = [data_root / "cxr_nih_google_dicom" / "nih_cxr_google_sc_dx.dcm"]
+    image = load_image(paths)
+    findings = Findings(
+        classifications=[Classification(PNEUMONIA, 0.873), Classification(EFFUSION, 0.12, threshold=0.4)],
+        summary="pneumonia likely",
+    )
+    sources = _headers(paths)
+    return Case(image, findings, sources, Provenance(CXR_MANIFEST), str(next(iter(sources.values())).SeriesInstanceUID))
+
+
+def _coded(code: Code) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
+
+
+def _assert_header(sr: Dataset, case: Case) -> None:
+    source = next(iter(case.sources.values()))
+    for keyword in PATIENT_STUDY:
+        assert sr.get(keyword) == source.get(keyword), keyword
+    name = case.prov.manifest.name
+    assert sr.SeriesInstanceUID == case.prov.uid(case.series_uid, "SR", "series")
+    assert sr.SOPInstanceUID == case.prov.uid(case.series_uid, "SR", 0)
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    assert (sr.SeriesNumber, sr.InstanceNumber) == (series_number(name, "SR"), 1)
+    assert sr.SeriesDescription.startswith("AI-generated SR") and name in sr.SeriesDescription
+    assert sr.Manufacturer == "radnode" and sr.SoftwareVersions == case.prov.software_versions
+    assert sr.VerificationFlag == "UNVERIFIED" and sr.CompletionFlag == "COMPLETE"
+    evidence = {
+        ref.ReferencedSOPInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
+    assert set(case.sources) <= evidence
+
+
+def _device(report: hd.sr.Comprehensive3DSR) -> hd.sr.DeviceObserverIdentifyingAttributes:
+    (context,) = report.content.get_observer_contexts(observer_type=codes.DCM.Device)
+    return context.observer_identifying_attributes
+
+
+def _algorithm(group) -> list[str]:
+    """Algorithm Identification (TID 4019) of a measurement group: name, version, parameters."""
+    names = (codes.DCM.AlgorithmName, codes.DCM.AlgorithmVersion, codes.DCM.AlgorithmParameters)
+    return [item.TextValue for item in group[0].ContentSequence if item.name in names]
+
+
+def _texts(report: hd.sr.Comprehensive3DSR, name: hd.sr.CodedConcept) -> list[str]:
+    items = hd.sr.utils.find_content_items(report.content[0], name=name, value_type="TEXT", recursive=True)
+    return [item.TextValue for item in items]
+
+
+def _measurements(group) -> list[tuple[hd.sr.CodedConcept, float, hd.sr.CodedConcept]]:
+    return [(m.name, m.value, m.unit) for m in group.get_measurements()]
+
+
+def _expected(findings: Findings, segment: str | None) -> list[tuple[hd.sr.CodedConcept, float, hd.sr.CodedConcept]]:
+    return [
+        (_coded(m.concept), pytest.approx(m.value), hd.sr.CodedConcept(m.unit, "UCUM", "unused"))
+        for m in findings.measurements
+        if m.segment == segment
+    ]
+
+
+def test_ct_report_without_seg_round_trips(ct: Case, tmp_path: Path) -> None:
+    sr, report = ct.encode(tmp_path)
+    _assert_header(sr, ct)
+    root = report.content[0]
+    (procedure,) = hd.sr.utils.find_content_items(root, name=codes.DCM.ProcedureReported)
+    assert procedure.ConceptCodeSequence[0].CodeValue == "24627-2"  # LOINC "CT Chest"
+    device = _device(report)
+    assert device.manufacturer_name == "radnode" and device.model_name == ct.prov.model_name
+    assert device.serial_number == ct.prov.device_serial_number and MANIFEST.name in device.name
+
+    (group,) = report.content.get_image_measurement_groups()
+    spec = MANIFEST.segments[0]
+    assert group.finding_type == _coded(spec.type) and group.finding_category == _coded(spec.category)
+    assert group.tracking_identifier == spec.label
+    assert _algorithm(group) == [MANIFEST.name, MANIFEST.version]
+    got = _measurements(group)
+    assert len(ct.findings.measurements) == 2
+    assert got == _expected(ct.findings, spec.label)  # CodedConcept equality ignores the meaning
+    assert {u.meaning for _, _, u in got} == {"milliliter", "Hounsfield unit"}
+    assert len(group.source_images) == len(ct.image.sources)
+    assert _texts(report, SUMMARY) == [ct.findings.summary]
+
+
+def test_ct_report_references_the_seg_segment(ct: Case, ct_seg: Dataset, tmp_path: Path) -> None:
+    sr, report = ct.encode(tmp_path, seg=ct_seg)
+    _assert_header(sr, ct)
+    assert report.content.get_image_measurement_groups() == []
+    (group,) = report.content.get_volumetric_roi_measurement_groups()
+    assert group.reference_type == codes.DCM.ReferencedSegment
+    ref = group.referenced_segment
+    assert ref.referenced_sop_instance_uid == ct_seg.SOPInstanceUID
+    assert ref.referenced_segment_numbers == [1]
+    sources = {img.referenced_sop_instance_uid for img in ref.source_images_for_segmentation}
+    assert sources == {s.sop_instance_uid for s in ct.image.sources}
+    assert _measurements(group) == _expected(ct.findings, MANIFEST.segments[0].label)
+
+
+def test_measurement_without_segment_goes_in_a_whole_image_group(ct: Case, tmp_path: Path) -> None:
+    index = Measurement(Code(value="ix", scheme="99RADNODE", meaning="Test index"), 0.42, "1")
+    findings = dataclasses.replace(ct.findings, measurements=[*ct.findings.measurements, index])
+    _, report = ct.encode(tmp_path, findings=findings)
+    groups = {g.tracking_identifier: g for g in report.content.get_image_measurement_groups()}
+    assert set(groups) == {"above-threshold", "whole image"}
+    assert _measurements(groups["whole image"]) == _expected(findings, None)
+
+
+def test_dx_classifications_round_trip(cxr: Case, tmp_path: Path) -> None:
+    sr, report = cxr.encode(tmp_path)
+    _assert_header(sr, cxr)
+    root = report.content[0]
+    (procedure,) = hd.sr.utils.find_content_items(root, name=codes.DCM.ProcedureReported)
+    assert procedure.ConceptCodeSequence[0].CodeValue == "43468-8"  # LOINC "XR unspecified body region"
+    groups = report.content.get_image_measurement_groups()
+    assert len(groups) == len(cxr.findings.classifications)
+    for c, group in zip(cxr.findings.classifications, groups, strict=True):
+        assert group.finding_type == _coded(c.concept)
+        (evaluation,) = group.get_qualitative_evaluations()
+        assert evaluation.name == _coded(c.concept)
+        assert evaluation.value == (PRESENT if c.positive else ABSENT)
+        (probability,) = group.get_measurements()
+        assert probability.name == PROBABILITY and probability.value == pytest.approx(c.probability)
+        assert probability.unit.value == "1" and probability.unit.scheme_designator == "UCUM"
+        assert _algorithm(group) == [CXR_MANIFEST.name, CXR_MANIFEST.version, f"threshold={c.threshold:g}"]
+        assert [s.referenced_sop_instance_uid for s in group.source_images] == list(cxr.sources)
+    assert [c.positive for c in cxr.findings.classifications] == [True, False]
+
+
+def test_dx_segment_is_referenced_in_its_seg(cxr: Case, tmp_path: Path) -> None:
+    mask = np.zeros(cxr.image.pixels.shape, dtype=bool)
+    mask[300:700, 200:500] = True
+    area = Code(value="42798000", scheme="SCT", meaning="Area")
+    findings = Findings(
+        segmentations=[Segmentation("lung", mask)], measurements=[Measurement(area, 1234.5, "mm2", "lung")]
+    )
+    seg = _seg(cxr, "lung", mask)
+    _, report = cxr.encode(tmp_path, findings=findings, seg=seg)
+    (group,) = report.content.get_volumetric_roi_measurement_groups()
+    ref = group.referenced_segment
+    assert ref.referenced_sop_instance_uid == seg.SOPInstanceUID and ref.referenced_segment_numbers == [1]
+    (source,) = ref.source_images_for_segmentation
+    assert source.referenced_sop_instance_uid == cxr.image.sources[0].sop_instance_uid
+    assert _measurements(group) == _expected(findings, "lung")
+
+
+def test_warnings_are_text_items(cxr: Case, tmp_path: Path) -> None:
+    image = dataclasses.replace(cxr.image, warnings=("image cropped",))
+    findings = dataclasses.replace(cxr.findings, warnings=["low contrast", "portable film"])
+    _, report = cxr.encode(tmp_path, image=image, findings=findings)
+    assert _texts(report, COMMENT) == ["image cropped", "low contrast", "portable film"]
+    assert _texts(report, SUMMARY) == ["pneumonia likely"]
+
+
+def test_uids_are_deterministic(cxr: Case, tmp_path: Path) -> None:
+    first, _ = cxr.encode(tmp_path, "a.dcm")
+    second, _ = cxr.encode(tmp_path, "b.dcm")
+    assert (first.SOPInstanceUID, first.SeriesInstanceUID) == (second.SOPInstanceUID, second.SeriesInstanceUID)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        other = encode_sr(cxr.findings, cxr.image, cxr.sources, cxr.prov, "1.2.3.4")
+    assert other.SOPInstanceUID != first.SOPInstanceUID and other.SeriesInstanceUID != first.SeriesInstanceUID
+
+
+def test_findings_it_cannot_encode_raise(cxr: Case, ct: Case, ct_seg: Dataset) -> None:
+    def encode(case: Case, **kw) -> None:
+        args = dict(findings=case.findings, image=case.image, sources=case.sources, prov=case.prov) | kw
+        encode_sr(source_series_uid=case.series_uid, **args)
+
+    with pytest.raises(ValueError, match="not-applicable"):
+        encode(cxr, findings=Findings.not_applicable_because("not a chest"))
+    with pytest.raises(ValueError, match="missing from the source datasets"):
+        encode(cxr, sources={})
+    with pytest.raises(ValueError, match="no source instances"):
+        encode(cxr, image=dataclasses.replace(cxr.image, sources=()))
+    volume = Code(value="118565006", scheme="SCT", meaning="Volume")
+    with pytest.raises(ValueError, match="not declared"):
+        encode(cxr, findings=Findings(measurements=[Measurement(volume, 1.0, "mL", "heart")]))
+    with pytest.raises(ValueError, match="UCUM"):
+        encode(cxr, findings=Findings(measurements=[Measurement(volume, 1.0, " ")]))
+    with pytest.raises(ValueError, match="finite"):
+        encode(cxr, findings=Findings(measurements=[Measurement(volume, float("nan"), "mL")]))
+    other_study = Dataset()
+    other_study.StudyInstanceUID = "1.2.3"
+    with pytest.raises(ValueError, match="another study"):
+        encode(ct, seg=other_study)
+    relabelled = pydicom.Dataset(ct_seg)
+    relabelled.SegmentSequence = [pydicom.Dataset(ct_seg.SegmentSequence[0])]
+    relabelled.SegmentSequence[0].SegmentLabel = "something else"
+    with pytest.raises(ValueError, match="no segment labelled"):
+        encode(ct, seg=relabelled)
