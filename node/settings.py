@@ -83,6 +83,13 @@ class Settings(BaseSettings):
         600.0, gt=0, description="a queued job not started this long after its task was sent is sent again"
     )
     job_max_attempts: int = Field(3, ge=1, description="runs of a job before it is failed as lost")
+    manufacturer: str = Field("radnode", max_length=64, description="Manufacturer written on output objects")
+    model_name: str = Field("radnode AI node", max_length=64, description="ManufacturerModelName on outputs")
+    device_serial_number: str = Field("RADNODE", max_length=64, description="DeviceSerialNumber on outputs")
+    institution_name: str | None = Field(None, max_length=64, description="InstitutionName on outputs")
+    sc_max_images: int = Field(
+        3, ge=1, le=50, description="heatmap secondary captures per heatmap (CT: the strongest slices)"
+    )
     log_json: bool = Field(False, description="log as JSON lines")
     log_level: str = Field("INFO")
     uid_hash_salt: SecretStr = Field(SecretStr(""), description="salt for the UID hashes in logs")

@@ -25,6 +25,7 @@ from plugins.reference_threshold import MANIFEST as REFERENCE
 from plugins.reference_threshold.model import write_weights
 from plugins.registry import sha256_file, weights_path
 from tests.conftest import PG_ADMIN_URL, NodeProcess, _pg_available, create_pg_database, drop_pg_database, need
+from tests.dicom_checks import assert_valid
 from tests.synthetic import write_ct_series
 
 FIXTURE_SITE = Path(__file__).parent / "fixtures" / "plugin_site"
@@ -191,6 +192,11 @@ def test_chest_ct_becomes_an_encoded_job(stack: Stack, ct_dir: Path, data_root: 
     assert job["started_at"] <= job["encoded_at"] and job["queued_at"] <= job["started_at"]
     assert {"image_load", "infer", "encode"} <= set(job["timings"])
     assert any("findings.json" in p for p in job["outputs"]) and all(Path(p).is_file() for p in job["outputs"])
+    names = sorted(Path(p).name for p in job["outputs"])
+    assert names[:2] == ["SC-001.dcm", "SC-002.dcm"] and {"SEG.dcm", "SR.dcm"} <= set(names)
+    for p in job["outputs"]:
+        if p.endswith(".dcm"):
+            assert_valid(Path(p))
     measured = {m["concept"]["meaning"]: m["value"] for m in job["findings"]["measurements"]}
     assert measured["Volume"] > 50  # bone of a chest CT, mL
     studies = {se["modality"] == "CT": se for st in node.studies() for se in st["series"]}

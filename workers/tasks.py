@@ -8,6 +8,7 @@ import os
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -18,7 +19,8 @@ from db.session import make_engine, make_sessionmaker
 from node.imaging import ImageLoadError, load_image
 from node.logs import uid_hash
 from node.queueing import TASK_INFER
-from node.results.findings import write_findings
+from node.results.common import Provenance
+from node.results.outputs import read_sources, write_outputs
 from node.router import normalise_body_part
 from node.settings import Settings, load_settings
 from plugins.base import Findings, Manifest, Plugin, WeightsUnavailable
@@ -91,6 +93,11 @@ class WorkerRuntime:
         plugin.load(resolve_device(self.settings.device, manifest), path)
         self.plugins[manifest.name] = (plugin, sha)
         return plugin, sha
+
+    def provenance(self, manifest: Manifest) -> Provenance:
+        s = self.settings
+        return Provenance(manifest=manifest, manufacturer=s.manufacturer, model_name=s.model_name,
+                          device_serial_number=s.device_serial_number, institution_name=s.institution_name)
 
     def _finish(self, job_id: int, fn, *args: Any, **values: Any) -> bool:
         with self.maker.begin() as session:
@@ -189,7 +196,10 @@ class WorkerRuntime:
         try:
             meta = {"job_id": job_id, "plugin": manifest.name, "plugin_version": manifest.version,
                     "weights_sha256": sha, "source_instances": len(image.sources)}
-            outputs = write_findings(findings, self.settings.outputs_dir / str(job_id), meta)
+            by_uid = {Path(p).stem: self.settings.instances_dir / p for p in rel_paths}
+            outputs = write_outputs(findings, image, read_sources(image, by_uid), self.provenance(manifest),
+                                    series.series_uid, self.settings.outputs_dir / str(job_id), meta,
+                                    self.settings.sc_max_images)
         except Exception as exc:
             log.exception("job %d: encoding failed", job_id)
             self._finish(job_id, jobs.fail, R, FailStage.ENCODE, f"{type(exc).__name__}: {exc}",

@@ -1,0 +1,56 @@
+"""Encode step entry: a job's Findings -> SEG, SR, SC heatmaps and findings.json under outputs/<job id>/."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from node.results.common import Provenance
+from node.results.findings import _atomic_write, write_findings
+from node.results.sc import encode_sc
+from node.results.seg import encode_seg
+from node.results.sr import encode_sr
+from plugins.base import Findings, Image
+
+
+def read_sources(image: Image, paths_by_uid: Mapping[str, Path]) -> dict[str, Dataset]:
+    """Headers (no pixels) of every source instance of `image`. Raises KeyError/OSError."""
+    return {
+        uid: dcmread(paths_by_uid[uid], stop_before_pixels=True)
+        for uid in dict.fromkeys(s.sop_instance_uid for s in image.sources)
+    }
+
+
+def _save(ds: Dataset, path: Path) -> Path:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    _atomic_write(path, lambda f: f.write(buffer.getvalue()))
+    return path
+
+
+def write_outputs(findings: Findings, image: Image, sources: Mapping[str, Dataset], prov: Provenance,
+                  source_series_uid: str, out_dir: Path, meta: dict[str, Any], sc_max_images: int = 3) -> list[Path]:
+    """Encode the objects the manifest declares and write them with findings.json; returns the paths.
+
+    A re-run writes the same file names and the same UIDs. Raises ValueError (findings the encoders
+    cannot represent) or OSError.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("*.dcm"):
+        old.unlink()  # a re-run may select other SC slices: keep only this run's objects
+    kinds = set(prov.manifest.outputs)
+    written: list[Path] = []
+    seg = encode_seg(findings, image, sources, prov, source_series_uid) if "SEG" in kinds else None
+    if seg is not None:
+        written.append(_save(seg, out_dir / "SEG.dcm"))
+    if "SR" in kinds:
+        written.append(_save(encode_sr(findings, image, sources, prov, source_series_uid, seg=seg), out_dir / "SR.dcm"))
+    if "SC" in kinds:
+        for i, sc in enumerate(encode_sc(findings, image, sources, prov, source_series_uid, sc_max_images)):
+            written.append(_save(sc, out_dir / f"SC-{i + 1:03d}.dcm"))
+    return written + write_findings(findings, out_dir, meta)
