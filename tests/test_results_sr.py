@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from node.imaging import load_image
-from node.results.common import Provenance, series_number
+from node.results.common import Provenance, series_number, source_header
 from node.results.sr import ABSENT, COMMENT, PRESENT, PROBABILITY, SUMMARY, encode_sr
 from plugins.base import Classification, Code, Findings, Image, Manifest, Measurement, Segmentation, SegmentSpec
 from plugins.reference_threshold import MANIFEST
@@ -89,7 +89,7 @@ def _seg(case: Case, label: str, mask: np.ndarray) -> Dataset:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return hd.seg.Segmentation(
-            source_images=[case.sources[s.sop_instance_uid] for s in case.image.sources],
+            source_images=[source_header(case.sources[s.sop_instance_uid]) for s in case.image.sources],
             pixel_array=mask.astype(np.uint8),
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=[description],
@@ -223,6 +223,7 @@ def test_measurement_without_segment_goes_in_a_whole_image_group(ct: Case, tmp_p
 def test_dx_classifications_round_trip(cxr: Case, tmp_path: Path) -> None:
     sr, report = cxr.encode(tmp_path)
     _assert_header(sr, cxr)
+    assert all("PatientBirthDate" not in ds for ds in cxr.sources.values())  # the caller's sources stay as read
     root = report.content[0]
     (procedure,) = hd.sr.utils.find_content_items(root, name=codes.DCM.ProcedureReported)
     assert procedure.ConceptCodeSequence[0].CodeValue == "43468-8"  # LOINC "XR unspecified body region"

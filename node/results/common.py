@@ -2,14 +2,69 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import zlib
 from dataclasses import dataclass
 
+import highdicom as hd
+from pydicom import config
+from pydicom.dataset import Dataset
+from pydicom.valuerep import validate_value
+
 from node import __version__
-from plugins.base import Manifest
+from plugins.base import Code, Manifest
 
 KINDS = ("SR", "SEG", "SC")
+_PIXEL_KEYWORDS = frozenset({"PixelData", "FloatPixelData", "DoubleFloatPixelData"})
+# Type 2 attributes of the Patient and General Study modules that highdicom copies from a source.
+TYPE2_PATIENT_STUDY = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+    "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)  # fmt: skip
+# Optional (Type 3) patient attributes that real archives sometimes hold in an invalid form.
+TYPE3_PATIENT = ("PatientAge", "PatientSize", "PatientWeight", "PatientBirthTime", "EthnicGroup")
+
+
+def coded(code: Code) -> hd.sr.CodedConcept:
+    """A plugin's Code as highdicom's CodedConcept."""
+    return hd.sr.CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
+
+
+def source_header(source: Dataset) -> Dataset:
+    """A copy of a source's header (no pixel data) that highdicom can copy the patient/study module
+    from: absent Type 2 attributes added empty (unknown), Type 3 patient values invalid for their VR
+    (an Age String "81" where "081Y" is meant) left out. The caller's dataset is never changed."""
+    header = Dataset()
+    for element in source:
+        if element.keyword not in _PIXEL_KEYWORDS:
+            header.add(copy.deepcopy(element))
+    header.file_meta = getattr(source, "file_meta", Dataset())
+    for keyword in TYPE2_PATIENT_STUDY:
+        if keyword not in header:
+            setattr(header, keyword, None)
+    for keyword in TYPE3_PATIENT:
+        if keyword in header:
+            try:
+                validate_value(header[keyword].VR, header[keyword].value, config.RAISE)
+            except ValueError:
+                del header[keyword]
+    return header
+
+
+def drop_incomplete_references(ds: Dataset) -> None:
+    """Drop items of the (Type 3) study/patient references highdicom copied from a source that lack a
+    Type 1 UID (seen in real archives: a Referenced Study Sequence without a SOP Class): dciodvfy errors."""
+    for keyword in ("ReferencedStudySequence", "ReferencedPatientSequence"):
+        if keyword not in ds:
+            continue
+        items = [
+            it for it in ds[keyword].value if it.get("ReferencedSOPClassUID") and it.get("ReferencedSOPInstanceUID")
+        ]
+        if items:
+            setattr(ds, keyword, items)
+        else:
+            del ds[keyword]
 
 
 def derive_uid(source_series_uid: str, plugin: str, plugin_version: str, kind: str, index: int | str) -> str:

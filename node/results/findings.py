@@ -12,7 +12,8 @@ import numpy as np
 from plugins.base import Findings
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Write `path` through a temporary file, fsync, then rename (a reader never sees half a file)."""
     tmp = path.with_name(path.name + ".part")
     with open(tmp, "wb") as f:
         write(f)
@@ -32,10 +33,10 @@ def write_findings(findings: Findings, out_dir: Path, meta: dict[str, Any]) -> l
     arrays |= {f"heatmap:{h.name}": np.asarray(h.values, dtype=np.float32) for h in findings.heatmaps}
     if arrays:
         path = out_dir / "arrays.npz"
-        _atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
+        atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
         written.append(path)
     path = out_dir / "findings.json"
     document = {**meta, **findings.to_json()}
-    _atomic_write(path, lambda f: f.write(json.dumps(document, indent=2).encode()))
+    atomic_write(path, lambda f: f.write(json.dumps(document, indent=2).encode()))
     written.append(path)
     return written

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from node.results.common import Provenance
-from node.results.findings import _atomic_write, write_findings
+from node.results.findings import atomic_write, write_findings
 from node.results.sc import encode_sc
 from node.results.seg import encode_seg
 from node.results.sr import encode_sr
@@ -29,7 +30,7 @@ def read_sources(image: Image, paths_by_uid: Mapping[str, Path]) -> dict[str, Da
 def _save(ds: Dataset, path: Path) -> Path:
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
-    _atomic_write(path, lambda f: f.write(buffer.getvalue()))
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
     return path
 
 
@@ -40,6 +41,15 @@ def write_outputs(findings: Findings, image: Image, sources: Mapping[str, Datase
     A re-run writes the same file names and the same UIDs. Raises ValueError (findings the encoders
     cannot represent) or OSError.
     """
+    with warnings.catch_warnings():
+        # highdicom and pydicom quote the offending value (a patient's name) in these warnings: PHI
+        warnings.filterwarnings("ignore", message=r".*person name.*")
+        warnings.filterwarnings("ignore", message=r".*Invalid value for VR.*")
+        return _write(findings, image, sources, prov, source_series_uid, out_dir, meta, sc_max_images)
+
+
+def _write(findings: Findings, image: Image, sources: Mapping[str, Dataset], prov: Provenance,
+           source_series_uid: str, out_dir: Path, meta: dict[str, Any], sc_max_images: int) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.glob("*.dcm"):
         old.unlink()  # a re-run may select other SC slices: keep only this run's objects

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Mapping
 
 import highdicom as hd
@@ -13,24 +12,11 @@ from pydicom.pixels import pack_bits
 from pydicom.sr.codedict import codes
 from pydicom.uid import UltrasoundImageStorage, UltrasoundMultiFrameImageStorage
 
-from node.results.common import Provenance, series_number
-from plugins.base import Code, Findings, Image, SegmentSpec
+from node.results.common import Provenance, coded, drop_incomplete_references, series_number, source_header
+from plugins.base import Findings, Image, SegmentSpec
 
 # CID 7162 "Surface Processing Algorithm Families": (123110, DCM, "Artificial Intelligence").
 ALGORITHM_FAMILY = codes.cid7162.ArtificialIntelligence
-_PIXEL_KEYWORDS = frozenset({"PixelData", "FloatPixelData", "DoubleFloatPixelData"})
-# Type 2 attributes of the Patient and General Study modules that highdicom copies from the source.
-_TYPE2_PATIENT_STUDY = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-    "StudyID",
-    "AccessionNumber",
-)
 
 
 def segment_numbers(findings: Findings) -> dict[str, int]:
@@ -116,27 +102,12 @@ def encode_seg(
     if spread:
         _spread_over_frames(seg, stacked, str(single.SOPInstanceUID))
     seg.SeriesDescription = prov.series_description("SEG")
-    _drop_incomplete_references(seg)
+    drop_incomplete_references(seg)
     if "FrameOfReferenceUID" not in seg:  # General Image: Patient Orientation (Type 2C) without a frame of reference
         seg.PatientOrientation = source_images[0].get("PatientOrientation", "")
     if prov.institution_name:
         seg.InstitutionName = prov.institution_name
     return seg
-
-
-def _drop_incomplete_references(ds: Dataset) -> None:
-    """Drop the items of the (Type 3) study/patient references highdicom copied from the source that lack a
-    Type 1 UID (seen in real archives: Referenced Study Sequence without a SOP Class): dciodvfy errors."""
-    for keyword in ("ReferencedStudySequence", "ReferencedPatientSequence"):
-        if keyword not in ds:
-            continue
-        items = [
-            it for it in ds[keyword].value if it.get("ReferencedSOPClassUID") and it.get("ReferencedSOPInstanceUID")
-        ]
-        if items:
-            setattr(ds, keyword, items)
-        else:
-            del ds[keyword]
 
 
 def _frames(ds: Dataset) -> int:
@@ -183,18 +154,9 @@ def _set_source_class(ds: Dataset, source_uid: str, sop_class_uid: str) -> None:
 
 
 def _header(source: Dataset) -> Dataset:
-    """A copy of the source's header (no pixel data) with what highdicom copies made valid: absent Type 2
-    patient/study attributes added empty (unknown), a zero or malformed Pixel Spacing left out."""
-    header = Dataset()
-    for element in source:
-        if element.keyword not in _PIXEL_KEYWORDS:
-            header.add(copy.deepcopy(element))  # never change the caller's dataset
-    header.file_meta = getattr(source, "file_meta", Dataset())
-    for keyword in _TYPE2_PATIENT_STUDY:
-        if keyword not in header:
-            setattr(header, keyword, "")
-    if "PatientAge" in header and not re.fullmatch(r"\d{3}[DWMY]", str(header.PatientAge)):
-        del header.PatientAge  # Type 3; real archives hold "81" where the VR (AS) needs "081Y"
+    """The source's header made valid for highdicom (see source_header), a zero or malformed Pixel
+    Spacing also left out."""
+    header = source_header(source)
     spacing = header.get("PixelSpacing")
     if "PixelSpacing" in header and not (spacing and len(spacing) == 2 and all(float(v) > 0 for v in spacing)):
         del header.PixelSpacing
@@ -230,12 +192,8 @@ def _description(
     return hd.seg.SegmentDescription(
         segment_number=number,
         segment_label=spec.label,
-        segmented_property_category=_coded(spec.category),
-        segmented_property_type=_coded(spec.type),
+        segmented_property_category=coded(spec.category),
+        segmented_property_type=coded(spec.type),
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
     )
-
-
-def _coded(code: Code) -> hd.sr.CodedConcept:
-    return hd.sr.CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)

@@ -7,14 +7,12 @@ from collections.abc import Mapping
 
 import highdicom as hd
 from highdicom.sr import CodedConcept
-from pydicom import config
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.valuerep import validate_value
 
-from node.results.common import Provenance, derive_uid, series_number
+from node.results.common import Provenance, coded, derive_uid, drop_incomplete_references, series_number, source_header
 from node.router import normalise_body_part
-from plugins.base import Code, Findings, Image, Measurement, SourceRef
+from plugins.base import Findings, Image, Measurement, SourceRef
 
 # Procedure reported (TID 1500 row 4, CID 100 "Quantitative Diagnostic Imaging Procedures"): LOINC
 # "<modality> unspecified body region" from CID 100 per modality, LOINC 24627-2 "CT Chest" when the
@@ -41,13 +39,6 @@ PROBABILITY = CodedConcept("122157", "DCM", "Probability")
 QUALITATIVE_EVALUATIONS = CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 SUMMARY = CodedConcept(codes.DCM.Summary.value, "DCM", codes.DCM.Summary.meaning)
 COMMENT = CodedConcept(codes.DCM.Comment.value, "DCM", codes.DCM.Comment.meaning)
-
-_TYPE2_PATIENT_STUDY = (
-    "PatientID", "PatientName", "PatientBirthDate", "PatientSex",
-    "AccessionNumber", "StudyID", "StudyDate", "StudyTime",
-)  # fmt: skip
-
-_TYPE3_PATIENT_STUDY = ("PatientAge", "PatientSize", "PatientWeight", "PatientBirthTime", "EthnicGroup")
 
 UNIT_MEANINGS = {
     "1": "no units",
@@ -103,13 +94,13 @@ def encode_sr(
         groups.append(
             hd.sr.MeasurementsAndQualitativeEvaluations(
                 tracking_identifier=tracking(f"finding:{c.concept.scheme}:{c.concept.value}", c.concept.meaning),
-                finding_type=_coded(c.concept),
+                finding_type=coded(c.concept),
                 algorithm_id=hd.sr.AlgorithmIdentification(
                     name=manifest.name, version=manifest.version, parameters=[f"threshold={c.threshold:g}"]
                 ),
                 measurements=[hd.sr.Measurement(name=PROBABILITY, value=c.probability, unit=_unit("1"))],
                 qualitative_evaluations=[
-                    hd.sr.QualitativeEvaluation(_coded(c.concept), PRESENT if c.positive else ABSENT)
+                    hd.sr.QualitativeEvaluation(coded(c.concept), PRESENT if c.positive else ABSENT)
                 ],
                 source_images=source_images,
             )
@@ -124,8 +115,8 @@ def encode_sr(
         spec = specs[label]
         common = dict(
             tracking_identifier=tracking(f"segment:{label}", label),
-            finding_type=_coded(spec.type),
-            finding_category=_coded(spec.category),
+            finding_type=coded(spec.type),
+            finding_category=coded(spec.category),
             algorithm_id=algorithm,
             measurements=[_measurement(m) for m in findings.measurements if m.segment == label] or None,
         )
@@ -203,20 +194,7 @@ def encode_sr(
         is_final=True,
         is_verified=False,
     )
-    # copied from the source: drop optional values a defective source got wrong (PatientAge "81")
-    for keyword in _TYPE3_PATIENT_STUDY:
-        if keyword in sr:
-            element = sr[keyword]
-            try:
-                validate_value(element.VR, element.value, config.RAISE)
-            except ValueError:
-                del sr[keyword]
-    # and study references left without their SOP class
-    study_refs = [r for r in sr.get("ReferencedStudySequence", []) if r.get("ReferencedSOPClassUID")]
-    if study_refs:
-        sr.ReferencedStudySequence = study_refs
-    elif "ReferencedStudySequence" in sr:
-        del sr.ReferencedStudySequence
+    drop_incomplete_references(sr)
     return sr
 
 
@@ -228,21 +206,13 @@ def _evidence(image: Image, sources: Mapping[str, Dataset]) -> list[Dataset]:
         if ref.sop_instance_uid not in sources:
             raise ValueError(f"source instance {_short(ref)} is missing from the source datasets")
         evidence.setdefault(ref.sop_instance_uid, sources[ref.sop_instance_uid])
-    # highdicom copies the patient/study module from the first instance and needs its Type 2 attributes
-    # present; real sources omit some (a DX without PatientBirthDate): add them empty to a copy
-    first = Dataset(next(iter(evidence.values())))
-    for keyword in _TYPE2_PATIENT_STUDY:
-        if keyword not in first:
-            setattr(first, keyword, None)
+    # highdicom copies the patient/study module from the first instance: make that copy valid
+    first = source_header(next(iter(evidence.values())))
     return [first, *list(evidence.values())[1:]]
 
 
 def _short(ref: SourceRef) -> str:
     return "..." + ref.sop_instance_uid[-8:]
-
-
-def _coded(code: Code) -> CodedConcept:
-    return CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
 
 
 def _unit(unit: str) -> CodedConcept:
@@ -254,7 +224,7 @@ def _unit(unit: str) -> CodedConcept:
 def _measurement(m: Measurement) -> hd.sr.Measurement:
     if not math.isfinite(m.value):
         raise ValueError(f"measurement {m.concept.meaning} is not a finite number")
-    return hd.sr.Measurement(name=_coded(m.concept), value=float(m.value), unit=_unit(m.unit))
+    return hd.sr.Measurement(name=coded(m.concept), value=float(m.value), unit=_unit(m.unit))
 
 
 def _segment_number(seg: Dataset, label: str) -> int:
