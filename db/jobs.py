@@ -12,7 +12,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from db.models import FailStage, Instance, Job, JobState, Series, SeriesState, Study, utcnow
+from db.models import Delivery, DeliveryState, FailStage, Instance, Job, JobState, Series, SeriesState, Study, utcnow
 
 Q, R, E, D, F, S = (
     JobState.QUEUED,
@@ -24,16 +24,17 @@ Q, R, E, D, F, S = (
 )
 
 # The one table of allowed transitions. RUNNING -> QUEUED is the sweeper recovering a lost run;
-# a terminal state -> QUEUED is an operator's retry (or a reopened series being routed again).
+# a finished state -> QUEUED is an operator's retry (or a reopened series being routed again);
+# DELIVERED/FAILED -> ENCODED is an operator's redelivery of results already written.
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     Q: frozenset({R, S, F}),
     R: frozenset({E, F, S, Q}),
     E: frozenset({D, F, Q}),
-    D: frozenset({Q}),
-    F: frozenset({Q}),
+    D: frozenset({Q, E}),
+    F: frozenset({Q, E}),
     S: frozenset({Q}),
 }
-TERMINAL = frozenset({E, D, F, S})  # nothing more happens without dispatch (issue 4) or a retry
+TERMINAL = frozenset({E, D, F, S})  # no worker holds the job: it may be retried (E waits only on dispatch)
 STAMP = {Q: "queued_at", R: "started_at", E: "encoded_at", D: "delivered_at", F: "finished_at", S: "finished_at"}
 
 
@@ -69,6 +70,7 @@ class NewJob:
     rule: str
     queue: str
     priority: str
+    destinations: list[str] | None = None  # None: every configured destination
 
 
 def _insert(session: Session):
@@ -86,8 +88,8 @@ def create_jobs(session: Session, series_id: int, jobs: Sequence[NewJob], now: d
             _insert(session)
             .values(
                 series_id=series_id, plugin=job.plugin, plugin_version=job.plugin_version, rule=job.rule,
-                queue=job.queue, priority=job.priority, state=JobState.QUEUED, attempts=0,
-                created_at=now, updated_at=now, queued_at=now,
+                queue=job.queue, priority=job.priority, destinations=job.destinations, state=JobState.QUEUED,
+                attempts=0, created_at=now, updated_at=now, queued_at=now,
             )
             .on_conflict_do_nothing(index_elements=["series_id", "plugin"])
             .returning(Job.id)
@@ -99,7 +101,7 @@ def create_jobs(session: Session, series_id: int, jobs: Sequence[NewJob], now: d
 
 
 _RESET = dict(
-    fail_stage=None, reason=None, warnings=None, findings=None, outputs=None, timings=None,
+    outputs_removed_at=None, fail_stage=None, reason=None, warnings=None, findings=None, outputs=None, timings=None,
     started_at=None, heartbeat_at=None, encoded_at=None, delivered_at=None, finished_at=None, enqueued_at=None,
 )
 
@@ -115,7 +117,16 @@ def requeue(session: Session, job_id: int, now: datetime | None = None) -> bool:
         raise LookupError(f"no job {job_id}")
     if JobState(state) not in TERMINAL:
         return False
-    return transition(session, job_id, JobState(state), Q, now, attempts=0, **_RESET)
+    if not transition(session, job_id, JobState(state), Q, now, attempts=0, **_RESET):
+        return False
+    # its deliveries wait (not due) until the job is encoded again, which makes them due afresh
+    session.execute(
+        update(Delivery)
+        .where(Delivery.job_id == job_id)
+        .values(state=DeliveryState.PENDING, next_attempt_at=None, started_at=None, heartbeat_at=None,
+                enqueued_at=None, updated_at=now or utcnow())
+    )
+    return True
 
 
 def requeue_series_jobs(session: Session, series_id: int, plugins: Iterable[str], now: datetime) -> list[int]:
@@ -196,6 +207,28 @@ def recover_lost(session: Session, now: datetime, *, lost_seconds: float, resend
     return Recovery(enqueue=[(i, q, p) for i, q, p in due], requeued=requeued, failed=failed)
 
 
+def expired_outputs(session: Session, cutoff: datetime, limit: int = 200) -> list[int]:
+    """Jobs whose outputs may be removed: finished (delivered, failed, skipped, or encoded with nothing
+    left to deliver) before `cutoff`, outputs not removed yet."""
+    pending = select(Delivery.job_id).where(Delivery.state == DeliveryState.PENDING)
+    return list(
+        session.execute(
+            select(Job.id)
+            .where(
+                Job.outputs_removed_at.is_(None),
+                Job.updated_at < cutoff,
+                or_(Job.state.in_([D, F, S]), and_(Job.state == E, Job.id.not_in(pending))),
+            )
+            .order_by(Job.id)
+            .limit(limit)
+        ).scalars()
+    )
+
+
+def mark_outputs_removed(session: Session, job_id: int, now: datetime) -> None:
+    session.execute(update(Job).where(Job.id == job_id).values(outputs_removed_at=now))
+
+
 def series_paths(session: Session, series_id: int) -> list[str]:
     """Relative storage paths of a series' instances, in arrival order."""
     return list(
@@ -225,6 +258,8 @@ def job_dict(job: Job, series_uid: str, study_uid: str) -> dict[str, Any]:
         "fail_stage": job.fail_stage,
         "reason": job.reason,
         "outputs": job.outputs or [],
+        "outputs_removed_at": _iso(job.outputs_removed_at),
+        "destinations": job.destinations,
         "findings": job.findings,
         "timings": job.timings or {},
         "weights_sha256": job.weights_sha256,
@@ -258,7 +293,31 @@ def list_jobs(session: Session, state: str | None = None, plugin: str | None = N
         conditions.append(Study.study_uid == study_uid)
     if conditions:
         q = q.where(and_(*conditions))
-    return [job_dict(job, se, st) for job, se, st in session.execute(q).all()]
+    rows = session.execute(q).all()
+    deliveries = delivery_dicts(session, [job.id for job, _, _ in rows])
+    return [job_dict(job, se, st) | {"deliveries": deliveries[job.id]} for job, se, st in rows]
+
+
+def delivery_dicts(session: Session, job_ids: Sequence[int]) -> dict[int, list[dict[str, Any]]]:
+    """Deliveries of these jobs as JSON-ready dicts, by job id."""
+    out: dict[int, list[dict[str, Any]]] = {i: [] for i in job_ids}
+    if not job_ids:
+        return out
+    rows = session.execute(
+        select(Delivery).where(Delivery.job_id.in_(list(job_ids))).order_by(Delivery.job_id, Delivery.destination)
+    ).scalars()
+    for d in rows:
+        out[d.job_id].append({
+            "id": d.id,
+            "destination": d.destination,
+            "state": d.state,
+            "attempts": d.attempts,
+            "last_error": d.last_error,
+            "instances": d.instances,
+            "next_attempt_at": _iso(d.next_attempt_at) if d.state == DeliveryState.PENDING else None,
+            "sent_at": _iso(d.sent_at),
+        })
+    return out
 
 
 def series_to_route(session: Session, limit: int = 50) -> list[int]:

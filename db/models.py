@@ -178,6 +178,8 @@ class Job(Base):
     findings: Mapped[dict | None] = mapped_column(JSON, doc="JSON summary of the plugin's Findings")
     outputs: Mapped[list | None] = mapped_column(JSON, doc="paths of the objects written for this job")
     timings: Mapped[dict | None] = mapped_column(JSON, doc="seconds per stage of the last attempt")
+    destinations: Mapped[list | None] = mapped_column(JSON, doc="destination names the rule chose; null = all")
+    outputs_removed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, doc="outputs deleted (retention)")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -194,7 +196,7 @@ class Job(Base):
 
 
 class Delivery(Base):
-    """One job's results to one destination: pending -> sent | failed."""
+    """One job's results to one destination: pending -> sent | failed (retried with backoff while pending)."""
 
     __tablename__ = "delivery"
 
@@ -206,7 +208,14 @@ class Delivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, doc="due time; null = not yet due")
+    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime, doc="last time its task was sent")
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, doc="an attempt in progress since")
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    instances: Mapped[int | None] = mapped_column(Integer, doc="objects the destination acknowledged")
 
-    __table_args__ = (UniqueConstraint("job_id", "destination", name="uq_delivery_job_destination"),)
+    __table_args__ = (
+        UniqueConstraint("job_id", "destination", name="uq_delivery_job_destination"),
+        Index("ix_delivery_state_next", "state", "next_attempt_at"),
+    )

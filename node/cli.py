@@ -153,14 +153,25 @@ def jobs(
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table("id", "series", "plugin", "state", "tries", "queue", "warnings", "reason", box=None)
+    table = Table("id", "series", "plugin", "state", "tries", "queue", "warnings", "deliveries", "reason", box=None)
     for j in rows:
         table.add_row(
             str(j["id"]), j["series_uid"], f"{j['plugin']} {j['plugin_version'] or ''}".strip(), j["state"],
-            str(j["attempts"]), j["queue"], str(len(j["warnings"])),
+            str(j["attempts"]), j["queue"], str(len(j["warnings"])), _deliveries_cell(j["deliveries"]),
             (f"{j['fail_stage']}: " if j["fail_stage"] else "") + (j["reason"] or ""),
         )
     _wide_console().print(table)
+
+
+def _deliveries_cell(deliveries: list[dict]) -> str:
+    """`pacs: sent`, `backup: pending (2 tries: connection refused)` ... one per line."""
+    lines = []
+    for d in deliveries:
+        text = f"{d['destination']}: {d['state']}"
+        if d["state"] != "sent" and d["attempts"]:
+            text += f" ({d['attempts']} tries" + (f": {d['last_error'][:60]}" if d["last_error"] else "") + ")"
+        lines.append(text)
+    return "\n".join(lines) or "-"
 
 
 @jobs_app.command("retry")
@@ -178,6 +189,24 @@ def jobs_retry(job_id: Annotated[int, typer.Argument(help="job id")]) -> None:
         console.print(f"job {job_id} is queued or running already")
         raise typer.Exit(1)
     print(f"job {job_id} queued again; the node sends it to a worker within its sweep period")
+
+
+@jobs_app.command("redeliver")
+def jobs_redeliver(
+    job_id: Annotated[int, typer.Argument(help="job id")],
+    everything: Annotated[bool, typer.Option("--all", help="send to every destination again, not only failed")] = False,
+) -> None:
+    """Send a job's results again: the failed deliveries (or all with --all), with fresh attempts."""
+    from db.deliveries import NotRedeliverable, redeliver
+    from db.models import utcnow
+
+    with open_db().begin() as session:
+        try:
+            ids = redeliver(session, job_id, utcnow(), everything=everything)
+        except (LookupError, NotRedeliverable) as exc:
+            console.print(f"[red]{exc.args[0]}[/red]")
+            raise typer.Exit(1) from None
+    print(f"job {job_id}: {len(ids)} delivery(ies) due again; the node sends them within its sweep period")
 
 
 @app.command()

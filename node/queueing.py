@@ -13,6 +13,8 @@ from node.settings import Settings
 log = logging.getLogger("radnode.queue")
 
 TASK_INFER = "radnode.infer"  # explicit, stable task names: the node never imports the worker code
+TASK_DISPATCH = "radnode.dispatch"
+DISPATCH_QUEUE = "dispatch"
 BASE_QUEUES = ("gpu", "cpu", "dispatch")
 QUEUE_RE = re.compile(r"^(gpu|cpu)(\.[a-z0-9][a-z0-9-]*)?$")
 # Redis serves lower numbers first; messages are spread over these steps.
@@ -65,12 +67,29 @@ def make_celery(settings: Settings, main: str = "radnode") -> Celery:
 class Enqueuer:
     """Sends tasks by name from the node (enqueue only after the job rows are committed)."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.app = make_celery(settings, "radnode-node")
+    def __init__(self, settings: Settings, app: Celery | None = None) -> None:
+        self.app = app if app is not None else make_celery(settings, "radnode-node")
+        self._own_app = app is None
 
     def infer(self, job_id: int, queue: str, priority: str) -> None:
         """Send the inference task for one job. Raises kombu/celery errors when the broker is down."""
         self.app.send_task(TASK_INFER, args=[job_id], queue=queue, priority=PRIORITY.get(priority, PRIORITY["routine"]))
+
+    def dispatch(self, delivery_id: int) -> None:
+        """Send the delivery task for one delivery row (its own queue: a PACS outage never holds a GPU)."""
+        self.app.send_task(TASK_DISPATCH, args=[delivery_id], queue=DISPATCH_QUEUE)
+
+    def send_dispatch(self, delivery_ids: list[int]) -> list[int]:
+        """Send delivery tasks in order; stops at the first broker error (the sweeper sends the rest)."""
+        sent = []
+        for delivery_id in delivery_ids:
+            try:
+                self.dispatch(delivery_id)
+            except Exception:
+                log.exception("broker unavailable: delivery %d stays pending and will be sent again", delivery_id)
+                break
+            sent.append(delivery_id)
+        return sent
 
     def send(self, items: list[tuple[int, str, str]]) -> list[int]:
         """Send (job id, queue, priority) tasks in order; stops at the first broker error, which is
@@ -86,4 +105,5 @@ class Enqueuer:
         return sent
 
     def close(self) -> None:
-        self.app.close()
+        if self._own_app:
+            self.app.close()

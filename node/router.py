@@ -167,6 +167,7 @@ class Match:
     plugin: str
     queue: str
     priority: Literal["stat", "routine"]
+    destinations: tuple[str, ...] | None = None  # None: every configured destination
 
 
 @dataclass(frozen=True)
@@ -251,7 +252,8 @@ def match(series: SeriesAttrs, rules: RuleSet, manifests: Mapping[str, Manifest]
             if manifest is None or why is not None:
                 reasons.append(f"rule {rule.name}: plugin {plugin} left out: {why}")
                 continue
-            matches.append(Match(rule.name, plugin, rule.queue or manifest.queue, rule.priority))
+            dests = tuple(rule.destinations) if rule.destinations is not None else None
+            matches.append(Match(rule.name, plugin, rule.queue or manifest.queue, rule.priority, dests))
     if len(misses) == len(rules.rules):
         reasons = ["no rule matched" if rules.rules else "no rules configured", *misses, *reasons]
     return Decision(tuple(matches), tuple(reasons))
@@ -339,7 +341,11 @@ class Router:
         with self.maker.begin() as session:
             if not mark_routed(session, series_id, note, now):
                 return []  # reopened by a late instance meanwhile: routed again once complete
-            new = [NewJob(m.plugin, self.manifests[m.plugin].version, m.rule, m.queue, m.priority) for m in matches]
+            new = [
+                NewJob(m.plugin, self.manifests[m.plugin].version, m.rule, m.queue, m.priority,
+                       list(m.destinations) if m.destinations is not None else None)
+                for m in matches
+            ]
             ids = create_jobs(session, series_id, new, now)
             if series.reopened_count:
                 ids += requeue_series_jobs(session, series_id, [m.plugin for m in matches], now)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -302,13 +302,15 @@ class When(_Model):
 
 
 class Rule(_Model):
-    """One routing rule: when a series matches `when`, run `plugins` (on `queue`, at `priority`)."""
+    """One routing rule: when a series matches `when`, run `plugins` (on `queue`, at `priority`) and send
+    the results to `destinations` (default: every configured destination; `[]`: keep them local)."""
 
     name: str
     when: When
     plugins: list[str]
     queue: str | None = None
     priority: Literal["stat", "routine"] = "routine"
+    destinations: list[str] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -338,6 +340,20 @@ class Rule(_Model):
                 raise _fail(f"plugin {name!r} is listed twice", i)
         return plugins
 
+    @field_validator("destinations", mode="before")
+    @classmethod
+    def _destinations_list(cls, names: Any) -> Any:
+        if names is None:
+            return names
+        if not isinstance(names, list):
+            raise _fail(f"destinations must be a list of destination names, got {_kind(names)}")
+        for i, name in enumerate(names):
+            if not isinstance(name, str):
+                raise _fail(f"expected a destination name, got {_kind(name)}", i)
+            if name in names[:i]:
+                raise _fail(f"destination {name!r} is listed twice", i)
+        return names
+
     @field_validator("queue")
     @classmethod
     def _queue(cls, queue: str | None) -> str | None:
@@ -350,6 +366,14 @@ class Rule(_Model):
         """With manifests in the validation context: plugins exist, can take the rule's modality, and
         (default rules only) are not reference-only."""
         context = info.context or {}
+        configured: Collection[str] | None = context.get("destinations")
+        if configured is not None:
+            for i, name in enumerate(self.destinations or []):
+                if name not in configured:
+                    close = difflib.get_close_matches(name, list(configured), n=1)
+                    hint = f"; did you mean {close[0]!r}?" if close else ""
+                    known = ", ".join(sorted(configured)) or "none"
+                    raise _fail(f"unknown destination {name!r} (configured: {known}){hint}", "destinations", i)
         manifests: Mapping[str, Manifest] | None = context.get("manifests")
         if manifests is None:
             return self
@@ -409,8 +433,10 @@ class RuleSet(_Model):
 # --- loading ----------------------------------------------------------------------------------------------
 
 
-def load_rules(path: Path | None, manifests: Mapping[str, Manifest]) -> RuleSet:
-    """Read and validate a rules file against the installed plugins' manifests.
+def load_rules(path: Path | None, manifests: Mapping[str, Manifest],
+               destinations: Collection[str] | None = None) -> RuleSet:
+    """Read and validate a rules file against the installed plugins' manifests (and, when given, the
+    names of the configured destinations).
 
     `path` None loads the packaged default rules (node/default_rules.yaml), which must also not route
     to reference-only plugins. Raises RulesError (naming the file and line) when the file cannot be
@@ -421,15 +447,17 @@ def load_rules(path: Path | None, manifests: Mapping[str, Manifest]) -> RuleSet:
         text = source.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise RulesError(f"{source}: cannot read the rules file: {e}") from None
-    return _parse(text, manifests, str(source), default=path is None)
+    return _parse(text, manifests, str(source), default=path is None, destinations=destinations)
 
 
-def parse_rules(text: str, manifests: Mapping[str, Manifest], source: str = "<rules>") -> RuleSet:
+def parse_rules(text: str, manifests: Mapping[str, Manifest], source: str = "<rules>",
+                destinations: Collection[str] | None = None) -> RuleSet:
     """Validate rules given as YAML text; `source` names it in errors. Raises RulesError."""
-    return _parse(text, manifests, source, default=False)
+    return _parse(text, manifests, source, default=False, destinations=destinations)
 
 
-def _parse(text: str, manifests: Mapping[str, Manifest], source: str, *, default: bool) -> RuleSet:
+def _parse(text: str, manifests: Mapping[str, Manifest], source: str, *, default: bool,
+           destinations: Collection[str] | None = None) -> RuleSet:
     try:
         loader = yaml.SafeLoader(text)
         try:
@@ -447,7 +475,8 @@ def _parse(text: str, manifests: Mapping[str, Manifest], source: str, *, default
         raise RulesError(f"{source} line 1: the rules file is empty (write `rules: []` for no rules)")
     _no_duplicate_keys(root, source)
     try:
-        return RuleSet.model_validate(data, context={"manifests": manifests, "default": default})
+        context = {"manifests": manifests, "default": default, "destinations": destinations}
+        return RuleSet.model_validate(data, context=context)
     except ValidationError as e:
         raise RulesError(_describe(e, root, source)) from None
 

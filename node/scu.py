@@ -82,6 +82,7 @@ def send(
     called_ae: str = "ANY-SCP",
     calling_ae: str = "RADNODE",
     progress: Callable[[Path, int], None] | None = None,
+    tls: object | None = None,
 ) -> SendReport:
     """C-STORE every file over one association, proposing each file's own SOP class and transfer
     syntax (stored bytes are sent as they are). Raises AssociationFailed."""
@@ -103,7 +104,7 @@ def send(
     contexts = [build_context(sc, [ts]) for sc, syntaxes in pairs.items() for ts in sorted(syntaxes)]
     if len(contexts) > 128:
         raise ValueError("more than 128 SOP class/transfer syntax pairs: send them in smaller groups")
-    assoc = associate(host, port, called_ae, calling_ae, contexts)
+    assoc = associate(host, port, called_ae, calling_ae, contexts, tls=tls)
     try:
         for i, f in enumerate(readable):
             if not assoc.is_established:

@@ -86,7 +86,7 @@ def load_plugins_and_rules(settings: Settings) -> tuple[Discovery, RuleSet]:
     """
     discovery = discover()
     try:
-        rules = load_rules(settings.rules_file, discovery.manifests)
+        rules = load_rules(settings.rules_file, discovery.manifests, [d.name for d in settings.destinations])
     except (RulesError, OSError) as exc:
         raise StartupError(f"invalid routing rules: {exc}") from exc
     return discovery, rules
@@ -176,6 +176,10 @@ class Node:
         for name, error in sorted(self.discovery.errors.items()):
             lines.append(f"plugin {name}: excluded ({error})")
         lines.append(f"rules: {len(self.rules.rules)} from {s.rules_file or 'the default rules'}")
+        for dest in s.destinations:
+            lines.append(f"destination {dest.name}: {describe_destination(dest)}")
+        if not s.destinations:
+            lines.append("destinations: none configured (results stay in the outputs folder)")
         if s.allowed_aes:
             lines.append("calling AE allow-list: " + ", ".join(s.allowed_aes))
         return lines
@@ -187,13 +191,16 @@ class Node:
 
     def _pipeline(self) -> None:
         """Tracker -> router every sweep period, sweeper every heartbeat period; outages are retried."""
-        next_sweep = 0.0
+        next_sweep = next_purge = 0.0
         while not self.stop.wait(self.tracker.sweep_seconds):
             try:
                 self.pipeline_once()
                 if time.monotonic() >= next_sweep:
                     self.sweeper.sweep()
                     next_sweep = time.monotonic() + self.settings.job_heartbeat_seconds
+                if time.monotonic() >= next_purge:
+                    next_purge = time.monotonic() + 300
+                    self.sweeper.purge_outputs()
             except SQLAlchemyError:
                 log.exception("pipeline pass failed (database); retrying")
             except Exception:
@@ -244,6 +251,15 @@ class Node:
         if hasattr(self, "enqueuer"):
             self.enqueuer.close()
         log.info("node stopped")
+
+
+def describe_destination(dest: Any) -> str:
+    """One line about a destination, without credentials."""
+    if dest.kind == "dicom":
+        return f"DICOM {dest.ae_title}@{dest.host}:{dest.port}{' (TLS)' if dest.tls else ''}"
+    if dest.kind in ("dicomweb", "orthanc"):
+        return f"{'STOW-RS' if dest.kind == 'dicomweb' else 'Orthanc REST'} {_hide_password(dest.url)}"
+    return "return to the sending AE (configured peers)"
 
 
 def _hide_password(url: str) -> str:

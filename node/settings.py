@@ -6,10 +6,10 @@ import os
 import re
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
@@ -20,6 +20,88 @@ def _check_ae(value: str) -> str:
     if not _AE_RE.match(value):
         raise ValueError(f"not a valid AE title (1-16 printable characters, no backslash): {value!r}")
     return value
+
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Peer(_Config):
+    """A DICOM node we know by its AE title (for "return to sender")."""
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: bool = False
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return _check_ae(v)
+
+
+class _Destination(_Config):
+    name: str = Field(description="lower-case name that rules use to pick this destination")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError(f"bad destination name {v!r}: lower-case letters, digits, '-' and '_' (at most 64)")
+        return v
+
+
+class DicomDestination(_Destination):
+    """C-STORE SCU to a DICOM node (one association per job)."""
+
+    kind: Literal["dicom"]
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    calling_ae: str | None = Field(None, description="our AE title towards this node; default ae_title")
+    tls: bool = False
+    tls_ca: Path | None = Field(None, description="CA bundle to verify the peer (TLS); default: system CAs")
+    tls_cert: Path | None = Field(None, description="client certificate (PEM) when the peer asks for one")
+    tls_key: Path | None = None
+
+    @field_validator("ae_title", "calling_ae")
+    @classmethod
+    def _ae(cls, v: str | None) -> str | None:
+        return None if v is None else _check_ae(v)
+
+
+class DicomwebDestination(_Destination):
+    """STOW-RS to a DICOMweb service root (e.g. http://pacs:8042/dicom-web)."""
+
+    kind: Literal["dicomweb"]
+    url: str
+    username: str | None = None
+    password: SecretStr | None = None
+    token: SecretStr | None = Field(None, description="bearer token (instead of username/password)")
+    verify_tls: bool | Path = Field(True, description="verify the server certificate, or a CA bundle path")
+
+
+class OrthancDestination(_Destination):
+    """Orthanc's REST API (POST /instances)."""
+
+    kind: Literal["orthanc"]
+    url: str
+    username: str | None = None
+    password: SecretStr | None = None
+
+
+class ReturnToSender(_Destination):
+    """C-STORE back to the AE that sent the series, looked up in `peers`."""
+
+    kind: Literal["return-to-sender"]
+
+
+Destination = Annotated[
+    DicomDestination | DicomwebDestination | OrthancDestination | ReturnToSender, Field(discriminator="kind")
+]
 
 
 class _YamlSource(PydanticBaseSettingsSource):
@@ -90,6 +172,16 @@ class Settings(BaseSettings):
     sc_max_images: int = Field(
         3, ge=1, le=50, description="heatmap secondary captures per heatmap (CT: the strongest slices)"
     )
+    destinations: list[Destination] = Field(
+        default_factory=list, description="where results go (JSON list in RADNODE_DESTINATIONS)"
+    )
+    peers: list[Peer] = Field(default_factory=list, description="known DICOM nodes by AE title (return to sender)")
+    delivery_max_attempts: int = Field(8, ge=1, le=100, description="tries per destination before it is failed")
+    delivery_backoff_seconds: float = Field(10.0, gt=0, description="wait before the first retry; doubles each try")
+    delivery_backoff_max_seconds: float = Field(600.0, gt=0, description="longest wait between two tries")
+    output_retention_days: float = Field(
+        7.0, ge=0, description="days outputs are kept after a job is finished (0 = keep for ever)"
+    )
     log_json: bool = Field(False, description="log as JSON lines")
     log_level: str = Field("INFO")
     uid_hash_salt: SecretStr = Field(SecretStr(""), description="salt for the UID hashes in logs")
@@ -121,6 +213,13 @@ class Settings(BaseSettings):
             raise ValueError("dicom_port 0 disables plain TCP; then DICOM TLS must be configured")
         if self.job_lost_seconds < 2 * self.job_heartbeat_seconds:
             raise ValueError("job_lost_seconds must be at least twice job_heartbeat_seconds")
+        names = [d.name for d in self.destinations]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"destination names must be unique: {', '.join(duplicates)} used more than once")
+        aes = [p.ae_title for p in self.peers]
+        if len(set(aes)) != len(aes):
+            raise ValueError("peers: each AE title may be listed once")
         if not re.match(r"^(auto|cpu|cuda(:\d+)?|mps)$", self.device):
             raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         return self
@@ -172,6 +271,18 @@ class Settings(BaseSettings):
     @property
     def tls_enabled(self) -> bool:
         return self.tls_cert is not None
+
+    def destination(self, name: str) -> Any:
+        """The configured destination called `name`. Raises KeyError."""
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        raise KeyError(name)
+
+    def peer(self, ae_title: str | None) -> Peer | None:
+        """The configured peer with this AE title (exact match, trailing spaces ignored), or None."""
+        wanted = (ae_title or "").strip()
+        return next((p for p in self.peers if p.ae_title == wanted), None)
 
 
 # Setting name (without prefix) -> environment variable, for documentation and the CLI.

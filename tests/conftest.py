@@ -204,7 +204,7 @@ def start_node(tmp_path: Path, db_url: str):
     def _start(data_dir: Path | None = None, **settings: str) -> NodeProcess:
         node = NodeProcess(data_dir or tmp_path / "data", db_url, **settings)
         if db_url.startswith("postgresql"):  # production databases are migrated explicitly
-            assert "database at revision 0002" in node.cli("db", "upgrade").stdout
+            assert "database at revision 0003" in node.cli("db", "upgrade").stdout
         nodes.append(node)
         return node.start()
 

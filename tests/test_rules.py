@@ -219,9 +219,9 @@ CASES = [
     ("rule-not-mapping", "rules:\n  - chest-ct\n", "- chest-ct", "a rule must be a mapping"),
     (
         "unknown-rule-key",
-        rule_with(extra="destinations: [pacs]"),
-        "destinations",
-        "unknown key 'destinations' in a rule",
+        rule_with(extra="destination: [pacs]"),
+        "destination:",
+        "unknown key 'destination' in a rule",
     ),
     ("missing-plugins", "rules:\n  - name: a\n    when: {}\n", "- name: a", "missing the required key 'plugins'"),
     (
@@ -345,6 +345,31 @@ def test_validation_error_names_the_line(text: str, marker: str, message: str):
     expected_line = line_of(text, marker)
     assert error.startswith(f"rules.yaml line {expected_line}: "), (error, expected_line)
     assert message in error
+
+
+def test_rules_name_destinations():
+    text = rule_with(extra="destinations: [pacs, backup]")
+    rules = parse_rules(text, MANIFESTS, destinations=["pacs", "backup", "other"])
+    assert rules.rules[0].destinations == ["pacs", "backup"]
+    assert parse_rules(rule_with(), MANIFESTS, destinations=["pacs"]).rules[0].destinations is None  # all
+    assert parse_rules(rule_with(extra="destinations: []"), MANIFESTS, destinations=[]).rules[0].destinations == []
+
+
+@pytest.mark.parametrize(
+    ("extra", "configured", "message"),
+    [
+        ("destinations: [pcas]", ["pacs"], "unknown destination 'pcas' (configured: pacs); did you mean 'pacs'?"),
+        ("destinations: [pacs]", [], "unknown destination 'pacs' (configured: none)"),
+        ("destinations: pacs", ["pacs"], "destinations must be a list of destination names, got a string"),
+        ("destinations: [pacs, pacs]", ["pacs"], "destination 'pacs' is listed twice"),
+    ],
+)
+def test_destination_errors_name_the_line(extra: str, configured: list[str], message: str):
+    text = rule_with(extra=extra)
+    with pytest.raises(RulesError) as info:
+        parse_rules(text, MANIFESTS, source="rules.yaml", destinations=configured)
+    assert f"rules.yaml line {line_of(text, 'destinations')}:" in str(info.value)
+    assert message in str(info.value)
 
 
 def test_empty_file():

@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import socket
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.orm import Session, sessionmaker
-
-from db import jobs
+from db import deliveries, jobs
 from db.models import FailStage, Job, JobState, Series, Study, utcnow
 from db.session import make_engine, make_sessionmaker
+from node.dispatch import Dispatcher
+from node.heartbeat import Heartbeat
 from node.imaging import ImageLoadError, load_image
 from node.logs import uid_hash
-from node.queueing import TASK_INFER
+from node.queueing import TASK_DISPATCH, TASK_INFER, Enqueuer
 from node.results.common import Provenance
 from node.results.outputs import read_sources, write_outputs
 from node.router import normalise_body_part
@@ -43,33 +43,6 @@ def resolve_device(setting: str, manifest: Manifest) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-class _Heartbeat:
-    """Marks a running job alive every `period` seconds from a side thread."""
-
-    def __init__(self, maker: sessionmaker[Session], job_id: int, period: float) -> None:
-        self.maker, self.job_id, self.period = maker, job_id, period
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
-
-    def _run(self) -> None:
-        while not self.stop.wait(self.period):
-            try:
-                with self.maker.begin() as session:
-                    if not jobs.heartbeat(session, self.job_id):
-                        log.warning("job %d is no longer running here (the sweeper took it back)", self.job_id)
-                        return
-            except Exception:
-                log.exception("job %d: heartbeat failed; retrying", self.job_id)
-
-    def __enter__(self) -> _Heartbeat:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop.set()
-        self.thread.join(timeout=5)
-
-
 class WorkerRuntime:
     """Per-process state: settings, database, discovered plugins, models loaded once."""
 
@@ -80,6 +53,8 @@ class WorkerRuntime:
         self.discovery: Discovery = discover()
         self.plugins: dict[str, tuple[Plugin, str | None]] = {}
         self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.enqueuer = Enqueuer(settings, app=app)
+        self.dispatcher = Dispatcher(settings, self.maker)
 
     def _plugin(self, manifest: Manifest) -> tuple[Plugin, str | None]:
         """The loaded plugin and the SHA-256 of its weights (loaded once per process). Raises
@@ -138,7 +113,8 @@ class WorkerRuntime:
                 log.info("job %d was taken by another worker", job_id)
                 return "duplicate"
         log.info("job %d started: plugin %s on series %s", job_id, manifest.name, uid_hash(series.series_uid))
-        with _Heartbeat(self.maker, job_id, self.settings.job_heartbeat_seconds):
+        beat = functools.partial(jobs.heartbeat, job_id=job_id)
+        with Heartbeat(self.maker, beat, self.settings.job_heartbeat_seconds, f"job {job_id}"):
             return self._run(job_id, manifest, series, study, rel_paths, row)
 
     def _run(self, job_id: int, manifest: Manifest, series: Series, study: Study, rel_paths: list[str],
@@ -206,14 +182,34 @@ class WorkerRuntime:
                          warnings=warnings, timings=timings, **common)
             return JobState.FAILED
         timings["encode"] = round(time.perf_counter() - t, 3)
-        done = self._finish(job_id, jobs.transition, R, JobState.ENCODED, warnings=warnings,
-                            findings=findings.to_json(), outputs=[str(p) for p in outputs], timings=timings,
-                            **common)
+        with self.maker.begin() as session:
+            done = jobs.transition(session, job_id, R, JobState.ENCODED, warnings=warnings,
+                                   findings=findings.to_json(), outputs=[str(p) for p in outputs], timings=timings,
+                                   **common)
+            names = self.destination_names(row["destinations"])
+            delivery_ids = deliveries.prepare(session, job_id, names, utcnow()) if done else []
         if not done:
             log.warning("job %d finished here but was taken back meanwhile; result left to the new run", job_id)
             return "superseded"
-        log.info("job %d encoded in %.2f s", job_id, sum(timings.values()) - timings.get("queue_wait", 0))
+        log.info("job %d encoded in %.2f s; delivering to %s", job_id,
+                 sum(timings.values()) - timings.get("queue_wait", 0), ", ".join(names) or "no destination")
+        self.enqueue_dispatch(delivery_ids)
         return JobState.ENCODED
+
+    def destination_names(self, chosen: list[str] | None) -> list[str]:
+        """The destinations of a job: the ones its rule named, or every configured one."""
+        return list(chosen) if chosen is not None else [d.name for d in self.settings.destinations]
+
+    def enqueue_dispatch(self, delivery_ids: list[int]) -> None:
+        """Send the delivery tasks after the commit; ones the broker refuses are sent by the sweeper."""
+        if not delivery_ids:
+            return
+        sent = self.enqueuer.send_dispatch(delivery_ids)
+        with self.maker.begin() as session:
+            deliveries.mark_enqueued(session, sent, utcnow())
+
+    def dispatch(self, delivery_id: int) -> str:
+        return self.dispatcher.run(delivery_id)
 
 
 _runtime: WorkerRuntime | None = None
@@ -233,3 +229,9 @@ def infer(job_id: int) -> str:
     """Celery entry: run job `job_id` (an id only; the job table says what to do)."""
     return runtime().infer(int(job_id))
 
+
+
+@app.task(name=TASK_DISPATCH, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def dispatch(delivery_id: int) -> str:
+    """Celery entry: one attempt of delivery `delivery_id` (the sweeper sends retries when due)."""
+    return runtime().dispatch(int(delivery_id))

@@ -1,0 +1,230 @@
+"""Record step for dispatch: one Delivery row per job x destination (pending -> sent | failed).
+
+A pending delivery is due when `next_attempt_at` has passed; an attempt claims it by compare-and-set
+(`started_at` set), so a duplicate task finds it taken and exits. A failed attempt puts it back with
+an exponential backoff until the attempt cap, then marks it failed. When every delivery of a job has
+settled the job moves on: all sent -> delivered, any failed -> failed (stage dispatch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy.orm import Session
+
+from db.jobs import transition
+from db.models import Delivery, DeliveryState, FailStage, Job, JobState, utcnow
+
+P, SENT, FAILED = DeliveryState.PENDING, DeliveryState.SENT, DeliveryState.FAILED
+
+_FRESH = dict(
+    state=P, attempts=0, last_error=None, enqueued_at=None, started_at=None, heartbeat_at=None, sent_at=None,
+    instances=None,
+)
+
+
+def backoff(attempts: int, base: float, cap: float) -> float:
+    """Seconds to wait after the `attempts`-th failed try: base, 2*base, 4*base, ... at most cap."""
+    return min(cap, base * 2 ** max(0, attempts - 1))
+
+
+def prepare(session: Session, job_id: int, destinations: Sequence[str], now: datetime) -> list[int]:
+    """Make the job's deliveries pending and due now, one per destination (a re-run resets them);
+    rows for destinations no longer wanted are removed. Returns the delivery ids. The caller commits."""
+    session.execute(delete(Delivery).where(Delivery.job_id == job_id, Delivery.destination.not_in(destinations)))
+    ids = []
+    for name in destinations:
+        existing = session.execute(
+            select(Delivery.id).where(Delivery.job_id == job_id, Delivery.destination == name)
+        ).scalar_one_or_none()
+        if existing is None:
+            row = Delivery(job_id=job_id, destination=name, created_at=now, updated_at=now, next_attempt_at=now,
+                           **_FRESH)
+            session.add(row)
+            session.flush()
+            ids.append(row.id)
+        else:
+            session.execute(
+                update(Delivery).where(Delivery.id == existing).values(updated_at=now, next_attempt_at=now, **_FRESH)
+            )
+            ids.append(existing)
+    return ids
+
+
+def mark_enqueued(session: Session, delivery_ids: Iterable[int], now: datetime) -> None:
+    ids = list(delivery_ids)
+    if ids:
+        session.execute(update(Delivery).where(Delivery.id.in_(ids), Delivery.state == P).values(enqueued_at=now))
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """An attempt that owns a delivery until it records the outcome."""
+
+    delivery_id: int
+    job_id: int
+    destination: str
+    attempt: int
+
+
+def claim(session: Session, delivery_id: int, now: datetime) -> Claim | None:
+    """Start an attempt: pending, due, not being attempted, and its job encoded. None when another
+    attempt owns it, it is not due, or it has settled (a duplicate task). The caller commits."""
+    encoded = select(Job.id).where(Job.state == JobState.ENCODED)
+    stmt = (
+        update(Delivery)
+        .where(
+            Delivery.id == delivery_id,
+            Delivery.state == P,
+            Delivery.started_at.is_(None),
+            Delivery.next_attempt_at.is_not(None),
+            Delivery.next_attempt_at <= now,
+            Delivery.job_id.in_(encoded),
+        )
+        .values(started_at=now, heartbeat_at=now, updated_at=now, attempts=Delivery.attempts + 1)
+    )
+    if session.execute(stmt).rowcount != 1:
+        return None
+    job_id, name, attempts = session.execute(
+        select(Delivery.job_id, Delivery.destination, Delivery.attempts).where(Delivery.id == delivery_id)
+    ).one()
+    return Claim(delivery_id, job_id, name, attempts)
+
+
+def heartbeat(session: Session, delivery_id: int, now: datetime | None = None) -> bool:
+    stmt = (
+        update(Delivery)
+        .where(Delivery.id == delivery_id, Delivery.state == P, Delivery.started_at.is_not(None))
+        .values(heartbeat_at=now or utcnow())
+    )
+    return session.execute(stmt).rowcount == 1
+
+
+def _owned(c: Claim):
+    return and_(Delivery.id == c.delivery_id, Delivery.state == P, Delivery.attempts == c.attempt,
+                Delivery.started_at.is_not(None))
+
+
+def succeeded(session: Session, c: Claim, instances: int, now: datetime) -> str | None:
+    """Record a successful attempt; returns the job's new state when this settled it."""
+    stmt = update(Delivery).where(_owned(c)).values(
+        state=SENT, sent_at=now, updated_at=now, started_at=None, heartbeat_at=None, last_error=None,
+        instances=instances,
+    )
+    if session.execute(stmt).rowcount != 1:
+        return None
+    return settle(session, c.job_id, now)
+
+
+def attempt_failed(session: Session, c: Claim, error: str, now: datetime, *, max_attempts: int, base: float,
+                   cap: float, permanent: bool = False) -> tuple[str, str | None]:
+    """Record a failed attempt: retry later (backoff) or, at the cap or for a permanent error, failed.
+
+    Returns (what happened: "retry" | "failed" | "lost", the job's new state when this settled it).
+    """
+    error = error[:2000]
+    if permanent or c.attempt >= max_attempts:
+        stmt = update(Delivery).where(_owned(c)).values(
+            state=FAILED, last_error=error, updated_at=now, started_at=None, heartbeat_at=None, next_attempt_at=None
+        )
+        if session.execute(stmt).rowcount != 1:
+            return "lost", None
+        return "failed", settle(session, c.job_id, now)
+    due = now + timedelta(seconds=backoff(c.attempt, base, cap))
+    stmt = update(Delivery).where(_owned(c)).values(
+        last_error=error, updated_at=now, started_at=None, heartbeat_at=None, enqueued_at=None, next_attempt_at=due
+    )
+    return ("retry" if session.execute(stmt).rowcount == 1 else "lost"), None
+
+
+def settle(session: Session, job_id: int, now: datetime) -> str | None:
+    """Once no delivery of an encoded job is pending: all sent -> delivered, else failed (dispatch)."""
+    rows = session.execute(
+        select(Delivery.destination, Delivery.state, Delivery.attempts, Delivery.last_error)
+        .where(Delivery.job_id == job_id)
+        .order_by(Delivery.destination)
+    ).all()
+    if not rows or any(state == P for _, state, _, _ in rows):
+        return None
+    failed = [(name, attempts, err) for name, state, attempts, err in rows if state == FAILED]
+    if not failed:
+        return JobState.DELIVERED if transition(session, job_id, JobState.ENCODED, JobState.DELIVERED, now) else None
+    reason = "; ".join(f"delivery to {name} failed after {n} attempt(s): {err}" for name, n, err in failed)
+    done = transition(session, job_id, JobState.ENCODED, JobState.FAILED, now, fail_stage=FailStage.DISPATCH,
+                      reason=reason[:4000])
+    return JobState.FAILED if done else None
+
+
+def due(session: Session, now: datetime, *, resend_seconds: float, lost_seconds: float, max_attempts: int,
+        limit: int = 500) -> tuple[list[int], list[int]]:
+    """The sweeper's pass over deliveries of encoded jobs. An attempt whose worker stopped sending
+    heartbeats is released (or failed at the cap). Returns (ids to send a task for, ids released).
+    The caller commits, then enqueues and marks them enqueued."""
+    released: list[int] = []
+    stale = now - timedelta(seconds=lost_seconds)
+    lost = session.execute(
+        select(Delivery.id, Delivery.job_id, Delivery.destination, Delivery.attempts)
+        .where(Delivery.state == P, Delivery.started_at.is_not(None),
+               or_(Delivery.heartbeat_at.is_(None), Delivery.heartbeat_at < stale))
+    ).all()
+    for delivery_id, job_id, name, attempts in lost:
+        c = Claim(delivery_id, job_id, name, attempts)
+        error = f"worker lost while sending (no heartbeat for {lost_seconds:g} s)"
+        attempt_failed(session, c, error, now, max_attempts=max_attempts, base=0, cap=0)
+        released.append(delivery_id)
+    resend = now - timedelta(seconds=resend_seconds)
+    ids = session.execute(
+        select(Delivery.id)
+        .join(Job, Job.id == Delivery.job_id)
+        .where(
+            Job.state == JobState.ENCODED,
+            Delivery.state == P,
+            Delivery.started_at.is_(None),
+            Delivery.next_attempt_at.is_not(None),
+            Delivery.next_attempt_at <= now,
+            or_(Delivery.enqueued_at.is_(None), Delivery.enqueued_at < resend),
+        )
+        .order_by(Delivery.next_attempt_at)
+        .limit(limit)
+    ).scalars().all()
+    return list(ids), released
+
+
+class NotRedeliverable(ValueError):
+    """The job has nothing to redeliver (the message says why and what to do instead)."""
+
+
+def redeliver(session: Session, job_id: int, now: datetime, *, everything: bool = False) -> list[int]:
+    """An operator's redelivery: failed deliveries (or all with `everything`) start again with fresh
+    attempts and the job returns to encoded. Raises LookupError (unknown job) or NotRedeliverable.
+    Returns the delivery ids to enqueue. The caller commits."""
+    job = session.get(Job, job_id)
+    if job is None:
+        raise LookupError(f"no job {job_id}")
+    state = JobState(job.state)
+    if state in (JobState.QUEUED, JobState.RUNNING):
+        raise NotRedeliverable(f"job {job_id} is {state}: its results are not written yet")
+    if state == JobState.SKIPPED or (state == JobState.FAILED and job.fail_stage != FailStage.DISPATCH):
+        raise NotRedeliverable(f"job {job_id} is {state} with no results to send: use `radnode jobs retry {job_id}`")
+    if job.outputs_removed_at is not None:
+        raise NotRedeliverable(
+            f"job {job_id}'s outputs were removed after the retention period: use `radnode jobs retry {job_id}`"
+        )
+    rows = session.execute(select(Delivery.id, Delivery.state).where(Delivery.job_id == job_id)).all()
+    if not rows:
+        raise NotRedeliverable(f"job {job_id} has no destinations (none configured when it was encoded)")
+    chosen = [i for i, s in rows if everything or s == FAILED]
+    if not chosen and state != JobState.DELIVERED:
+        chosen = [i for i, s in rows if s == P]
+    if not chosen:
+        raise NotRedeliverable(f"job {job_id} was delivered everywhere: use --all to send it again")
+    if state != JobState.ENCODED and not transition(session, job_id, state, JobState.ENCODED, now,
+                                                    fail_stage=None, reason=None, delivered_at=None):
+        raise NotRedeliverable(f"job {job_id} changed state meanwhile; try again")
+    session.execute(
+        update(Delivery).where(Delivery.id.in_(chosen)).values(updated_at=now, next_attempt_at=now, **_FRESH)
+    )
+    return chosen
