@@ -1,4 +1,4 @@
-"""Command line: `radnode run | worker | studies | jobs | plugins | echo | send | db upgrade`."""
+"""Command line: `radnode run | worker | studies | jobs | plugins | echo | send | pull | watch | db upgrade`."""
 
 from __future__ import annotations
 
@@ -189,6 +189,71 @@ def jobs_retry(job_id: Annotated[int, typer.Argument(help="job id")]) -> None:
         console.print(f"job {job_id} is queued or running already")
         raise typer.Exit(1)
     print(f"job {job_id} queued again; the node sends it to a worker within its sweep period")
+
+
+@app.command()
+def pull(
+    study: Annotated[str, typer.Option("--study", help="Study Instance UID to fetch")],
+    orthanc: Annotated[str | None, typer.Option("--orthanc", help="Orthanc URL, e.g. http://pacs:8042")] = None,
+    dicomweb: Annotated[str | None, typer.Option("--dicomweb", help="DICOMweb root URL")] = None,
+    username: Annotated[str | None, typer.Option(help="HTTP basic auth user")] = None,
+    password: Annotated[str | None, typer.Option(envvar="RADNODE_PULL_PASSWORD", help="basic auth password")] = None,
+    token: Annotated[str | None, typer.Option(envvar="RADNODE_PULL_TOKEN", help="bearer token (DICOMweb)")] = None,
+    source_ae: Annotated[str | None, typer.Option("--ae", help="record the instances as sent by this AE")] = None,
+) -> None:
+    """Fetch one study from Orthanc (REST) or a DICOMweb server (WADO-RS) into storage, as if C-STOREd.
+
+    The running node completes and routes it after the stability window.
+    """
+    from node.pull import Ingest, PullError, dicomweb_client, orthanc_ae, orthanc_client, pull_dicomweb, pull_orthanc
+
+    if (orthanc is None) == (dicomweb is None):
+        console.print("[red]give exactly one of --orthanc URL or --dicomweb URL[/red]")
+        raise typer.Exit(2)
+    s = settings()
+    _setup_logging(s)
+    ingest = Ingest(s, open_db())
+    try:
+        if orthanc is not None:
+            client = orthanc_client(orthanc, username, password)
+            report = pull_orthanc(client, ingest, study_uid=study, source_ae=source_ae or orthanc_ae(client))
+        else:
+            client = dicomweb_client(dicomweb, username, password, token)
+            report = pull_dicomweb(client, ingest, study, source_ae=source_ae)
+    except PullError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    for name, why in report.failed[:20]:
+        console.print(f"[yellow]{name}: {why}[/yellow]")
+    print(f"pulled {report.stored} instance(s), {len(report.failed)} failed")
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def watch(
+    orthanc: Annotated[str, typer.Option("--orthanc", help="Orthanc URL, e.g. http://pacs:8042")],
+    username: Annotated[str | None, typer.Option(help="HTTP basic auth user")] = None,
+    password: Annotated[str | None, typer.Option(envvar="RADNODE_PULL_PASSWORD", help="basic auth password")] = None,
+    interval: Annotated[float, typer.Option(min=0.1, help="seconds between reads of /changes")] = 5.0,
+    from_start: Annotated[bool, typer.Option("--from-start", help="first start: pull every stable study")] = False,
+) -> None:
+    """Follow an Orthanc's /changes and pull each study once Orthanc marks it stable (until Ctrl-C)."""
+    import signal
+    import threading
+
+    from node.pull import Ingest, OrthancWatcher, orthanc_client
+
+    s = settings()
+    _setup_logging(s)
+    s.data_path.mkdir(parents=True, exist_ok=True)
+    watcher = OrthancWatcher(orthanc_client(orthanc, username, password), Ingest(s, open_db()),
+                             s.data_path / "watch-orthanc.json", from_start=from_start)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    print(f"watching {orthanc} for stable studies", flush=True)
+    watcher.run(stop, interval)
 
 
 @jobs_app.command("redeliver")

@@ -136,6 +136,20 @@ class Node:
         self.sweeper = Sweeper(self.sessionmaker, self.enqueuer, s)
         if s.embedded_worker:
             self._start_worker()
+        if s.watch_orthanc is not None:
+            self._start_watcher()
+
+    def _start_watcher(self) -> None:
+        """Pull side: follow the configured Orthanc's /changes in a thread of this process."""
+        from node.pull import Ingest, OrthancWatcher, orthanc_client
+
+        w = self.settings.watch_orthanc
+        password = w.password.get_secret_value() if w.password is not None else None
+        watcher = OrthancWatcher(orthanc_client(w.url, w.username, password), Ingest(self.settings, self.sessionmaker),
+                                 self.settings.data_path / "watch-orthanc.json", from_start=w.from_start)
+        self.watcher = threading.Thread(target=watcher.run, args=(self.stop, w.interval_seconds), name="watch",
+                                        daemon=True)
+        self.watcher.start()
 
     def _start_worker(self) -> None:
         """The embedded worker: `python -m workers` in its own process, same settings (environment)."""
@@ -176,6 +190,8 @@ class Node:
         for name, error in sorted(self.discovery.errors.items()):
             lines.append(f"plugin {name}: excluded ({error})")
         lines.append(f"rules: {len(self.rules.rules)} from {s.rules_file or 'the default rules'}")
+        if s.watch_orthanc is not None:
+            lines.append(f"watching Orthanc {_hide_password(s.watch_orthanc.url)} for stable studies")
         for dest in s.destinations:
             lines.append(f"destination {dest.name}: {describe_destination(dest)}")
         if not s.destinations:

@@ -99,6 +99,16 @@ class ReturnToSender(_Destination):
     kind: Literal["return-to-sender"]
 
 
+class WatchOrthanc(_Config):
+    """Pull side: follow an Orthanc's /changes and pull each study once it is stable there."""
+
+    url: str
+    username: str | None = None
+    password: SecretStr | None = None
+    interval_seconds: float = Field(5.0, gt=0, description="how often /changes is read")
+    from_start: bool = Field(False, description="first start: pull every stable study in the change log")
+
+
 Destination = Annotated[
     DicomDestination | DicomwebDestination | OrthancDestination | ReturnToSender, Field(discriminator="kind")
 ]
@@ -176,6 +186,9 @@ class Settings(BaseSettings):
         default_factory=list, description="where results go (JSON list in RADNODE_DESTINATIONS)"
     )
     peers: list[Peer] = Field(default_factory=list, description="known DICOM nodes by AE title (return to sender)")
+    watch_orthanc: WatchOrthanc | None = Field(
+        None, description="pull studies from this Orthanc when they become stable (JSON in RADNODE_WATCH_ORTHANC)"
+    )
     delivery_max_attempts: int = Field(8, ge=1, le=100, description="tries per destination before it is failed")
     delivery_backoff_seconds: float = Field(10.0, gt=0, description="wait before the first retry; doubles each try")
     delivery_backoff_max_seconds: float = Field(600.0, gt=0, description="longest wait between two tries")
