@@ -141,7 +141,12 @@ def attempt_failed(session: Session, c: Claim, error: str, now: datetime, *, max
 
 
 def settle(session: Session, job_id: int, now: datetime) -> str | None:
-    """Once no delivery of an encoded job is pending: all sent -> delivered, else failed (dispatch)."""
+    """Once no delivery of an encoded job is pending: all sent -> delivered, else failed (dispatch).
+
+    The job row is locked first (PostgreSQL), so two attempts finishing at once cannot both see the
+    other still pending; the sweeper settles any job left behind all the same.
+    """
+    session.execute(select(Job.id).where(Job.id == job_id).with_for_update())
     rows = session.execute(
         select(Delivery.destination, Delivery.state, Delivery.attempts, Delivery.last_error)
         .where(Delivery.job_id == job_id)
@@ -161,7 +166,8 @@ def settle(session: Session, job_id: int, now: datetime) -> str | None:
 def due(session: Session, now: datetime, *, resend_seconds: float, lost_seconds: float, max_attempts: int,
         limit: int = 500) -> tuple[list[int], list[int]]:
     """The sweeper's pass over deliveries of encoded jobs. An attempt whose worker stopped sending
-    heartbeats is released (or failed at the cap). Returns (ids to send a task for, ids released).
+    heartbeats is released (or failed at the cap); a job whose deliveries have all settled without
+    the job moving on is settled. Returns (ids to send a task for, ids released).
     The caller commits, then enqueues and marks them enqueued."""
     released: list[int] = []
     stale = now - timedelta(seconds=lost_seconds)
@@ -175,6 +181,13 @@ def due(session: Session, now: datetime, *, resend_seconds: float, lost_seconds:
         error = f"worker lost while sending (no heartbeat for {lost_seconds:g} s)"
         attempt_failed(session, c, error, now, max_attempts=max_attempts, base=0, cap=0)
         released.append(delivery_id)
+    pending = select(Delivery.job_id).where(Delivery.state == P)
+    unsettled = session.execute(
+        select(Job.id).where(Job.state == JobState.ENCODED, Job.id.in_(select(Delivery.job_id)),
+                             Job.id.not_in(pending))
+    ).scalars().all()
+    for job_id in unsettled:
+        settle(session, job_id, now)
     resend = now - timedelta(seconds=resend_seconds)
     ids = session.execute(
         select(Delivery.id)

@@ -117,6 +117,19 @@ def test_sweeper_sends_due_deliveries_and_releases_lost_attempts(sessionmaker):
     assert "worker lost" in row.last_error
 
 
+def test_sweeper_settles_a_job_left_behind(sessionmaker):
+    """A job still encoded although all its deliveries have settled (a safety net): the sweeper settles it."""
+    from sqlalchemy import update
+
+    job_id, (a, b) = _encoded(sessionmaker, ["pacs", "backup"])
+    with sessionmaker.begin() as s:
+        s.execute(update(Delivery).where(Delivery.job_id == job_id).values(state="sent"))
+    assert _state(sessionmaker, job_id).state == JobState.ENCODED
+    with sessionmaker.begin() as s:
+        assert deliveries.due(s, utcnow(), resend_seconds=600, lost_seconds=60, max_attempts=3) == ([], [])
+    assert _state(sessionmaker, job_id).state == JobState.DELIVERED
+
+
 def test_job_retry_parks_deliveries_until_encoded_again(sessionmaker):
     job_id, (d,) = _encoded(sessionmaker)
     with sessionmaker.begin() as s:
@@ -184,3 +197,24 @@ def test_expired_outputs(sessionmaker):
     assert _state(sessionmaker, delivered).outputs_removed_at is None
     with sessionmaker() as s:
         assert s.get(Job, pending).state == JobState.ENCODED
+
+
+def test_sweeper_removes_outputs_after_the_retention(sessionmaker, tmp_path):
+    from node.settings import Settings
+    from node.sweeper import Sweeper
+
+    settings = Settings(data_dir=tmp_path, output_retention_days=2)
+    job_id, (d,) = _encoded(sessionmaker, ["pacs"])
+    with sessionmaker.begin() as s:
+        deliveries.succeeded(s, deliveries.claim(s, d, utcnow()), 1, utcnow())
+    folder = settings.outputs_dir / str(job_id)
+    folder.mkdir(parents=True)
+    (folder / "SR.dcm").write_bytes(b"x")
+    sweeper = Sweeper(sessionmaker, enqueuer=None, settings=settings)
+    assert sweeper.purge_outputs(utcnow() + timedelta(days=1)) == []
+    assert folder.is_dir()
+    assert sweeper.purge_outputs(utcnow() + timedelta(days=2, seconds=1)) == [job_id]
+    assert not folder.exists() and _state(sessionmaker, job_id).outputs_removed_at is not None
+    assert sweeper.purge_outputs(utcnow() + timedelta(days=3)) == []  # once
+    forever = Sweeper(sessionmaker, enqueuer=None, settings=Settings(data_dir=tmp_path, output_retention_days=0))
+    assert forever.purge_outputs(utcnow() + timedelta(days=999)) == []

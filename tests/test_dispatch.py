@@ -23,7 +23,7 @@ from tests.dicom_checks import assert_valid
 from tests.orthanc import AE as ORTHANC_AE
 from tests.orthanc import Orthanc
 from tests.synthetic import write_ct_series
-from tests.test_pipeline import REFERENCE_RULES, Stack, embedded_stack
+from tests.test_pipeline import REFERENCE_RULES, Stack, embedded_stack, redis_stack
 
 pytestmark = pytest.mark.slow
 
@@ -34,6 +34,14 @@ FAST_RETRY = {"delivery_backoff_seconds": "0.5", "delivery_backoff_max_seconds":
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
     with embedded_stack(tmp_path) as s:
+        write_weights(weights_path(REFERENCE, s.models), 300.0)
+        yield s
+
+
+@pytest.fixture(params=["embedded", "redis"])
+def any_stack(request, tmp_path: Path) -> Iterator[Stack]:
+    """Both brokers: with Redis + PostgreSQL the dispatch task runs on an external `radnode worker`."""
+    with (embedded_stack if request.param == "embedded" else redis_stack)(tmp_path) as s:
         write_weights(weights_path(REFERENCE, s.models), 300.0)
         yield s
 
@@ -144,7 +152,8 @@ def test_orthanc_sends_the_chest_ct_and_gets_sr_seg_sc_back(stack: Stack, orthan
     assert "pacs: sent" in listed and "sender: sent" in listed
 
 
-def test_stow_rs_destination(stack: Stack, orthanc_for, ct_dir: Path):
+def test_stow_rs_destination(any_stack: Stack, orthanc_for, ct_dir: Path):
+    stack = any_stack
     from dicomweb_client import DICOMwebClient
 
     port = free_port()

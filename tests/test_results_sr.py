@@ -15,6 +15,7 @@ from pydicom.sr.codedict import codes
 
 from node.imaging import load_image
 from node.results.common import Provenance, series_number, source_header
+from node.results.seg import encode_seg
 from node.results.sr import ABSENT, COMMENT, PRESENT, PROBABILITY, SUMMARY, encode_sr
 from plugins.base import Classification, Code, Findings, Image, Manifest, Measurement, Segmentation, SegmentSpec
 from plugins.reference_threshold import MANIFEST
@@ -304,3 +305,33 @@ def test_findings_it_cannot_encode_raise(cxr: Case, ct: Case, ct_seg: Dataset) -
     relabelled.SegmentSequence[0].SegmentLabel = "something else"
     with pytest.raises(ValueError, match="no segment labelled"):
         encode(ct, seg=relabelled)
+
+
+def test_ultrasound_area_per_frame_round_trips(data_root: Path, tmp_path: Path) -> None:
+    """A US multi-frame source: one SEG segment on the frames, areas in mm2; dciodvfy-clean and equal on re-read."""
+    paths = [data_root / "us_samples_pydicom" / "examples_ybr_color.dcm"]
+    image = load_image(paths)
+    assert image.kind == "frames"
+    manifest = Manifest(
+        name="us-test", version="0.2.0", factory="tests.none:build", modalities=["US"],
+        findings=[Code(value="42798000", scheme="SCT", meaning="Area")],
+        segments=[SegmentSpec(label="prostate", category=Code(value="123037004", scheme="SCT",
+                                                              meaning="Anatomical Structure"),
+                              type=Code(value="41216001", scheme="SCT", meaning="Prostate"))],
+    )  # fmt: skip
+    mask = np.zeros(image.pixels.shape[:3], dtype=bool)
+    mask[2:5, 100:180, 150:260] = True
+    area = Code(value="42798000", scheme="SCT", meaning="Area")
+    findings = Findings(segmentations=[Segmentation("prostate", mask)],
+                        measurements=[Measurement(area, 8800.0, "mm2", "prostate")], warnings=["probe gain high"])
+    sources = _headers(paths)
+    case = Case(image, findings, sources, Provenance(manifest), str(next(iter(sources.values())).SeriesInstanceUID))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        seg = encode_seg(findings, image, sources, case.prov, case.series_uid)  # the SEG on the frames it covers
+    sr, report = case.encode(tmp_path, seg=seg)
+    _assert_header(sr, case)
+    (group,) = report.content.get_volumetric_roi_measurement_groups()
+    assert group.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
+    assert _measurements(group) == _expected(findings, "prostate")
+    assert "probe gain high" in _texts(report, COMMENT)

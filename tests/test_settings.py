@@ -99,6 +99,7 @@ def test_the_example_settings_file_is_valid(monkeypatch):
     s = load_settings(example)
     assert s.rules_file == Path("/etc/radnode/rules.yaml") and s.embedded_worker is True
     assert s.broker.startswith("sqla+sqlite:///")
+    assert [d.name for d in s.destinations] == ["pacs"] and s.destination("pacs").port == 104
 
 
 @pytest.mark.parametrize(
@@ -110,5 +111,50 @@ def test_the_example_settings_file_is_valid(monkeypatch):
     ],
 )
 def test_execution_settings_are_validated(values, message):
+    with pytest.raises(ValidationError, match=message):
+        Settings(**values)
+
+
+PACS = {"name": "pacs", "kind": "dicom", "ae_title": "PACS", "host": "pacs.local", "port": 104}
+
+
+def test_destinations_from_environment_json(monkeypatch):
+    import json
+
+    web = {"name": "web", "kind": "dicomweb", "url": "https://pacs/dicom-web", "token": "s3cret"}
+    monkeypatch.setenv("RADNODE_DESTINATIONS", json.dumps([PACS, web, {"name": "back", "kind": "return-to-sender"}]))
+    monkeypatch.setenv("RADNODE_PEERS", json.dumps([{"ae_title": "CT1", "host": "10.0.0.5", "port": 104}]))
+    s = Settings()
+    assert [d.kind for d in s.destinations] == ["dicom", "dicomweb", "return-to-sender"]
+    assert s.destination("web").token.get_secret_value() == "s3cret" and "s3cret" not in repr(s)
+    assert s.peer("CT1 ").host == "10.0.0.5" and s.peer("CT2") is None and s.peer(None) is None
+    with pytest.raises(KeyError):
+        s.destination("nowhere")
+
+
+def test_destinations_in_yaml(tmp_path):
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text("destinations:\n  - {name: pacs, kind: orthanc, url: 'http://orthanc:8042', username: u,"
+                   " password: p}\n")
+    s = load_settings(cfg)
+    assert s.destination("pacs").password.get_secret_value() == "p"
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"destinations": [PACS, PACS]}, "destination names must be unique: pacs"),
+        ({"destinations": [PACS | {"name": "Bad Name"}]}, "bad destination name"),
+        ({"destinations": [PACS | {"kind": "ftp"}]}, "does not match any of the expected tags"),
+        ({"destinations": [PACS | {"ae_title": "WAY_TOO_LONG_AE_TITLE"}]}, "not a valid AE title"),
+        ({"destinations": [PACS | {"colour": "red"}]}, "Extra inputs are not permitted"),
+        ({"destinations": [{"name": "web", "kind": "dicomweb"}]}, "url"),
+        ({"peers": [{"ae_title": "A", "host": "h", "port": 1}] * 2}, "each AE title may be listed once"),
+        ({"delivery_max_attempts": 0}, "greater than or equal to 1"),
+        ({"output_retention_days": -1}, "greater than or equal to 0"),
+        ({"watch_orthanc": {"url": "http://o:8042", "interval_seconds": 0}}, "greater than 0"),
+    ],
+)
+def test_dispatch_settings_are_validated(values, message):
     with pytest.raises(ValidationError, match=message):
         Settings(**values)
