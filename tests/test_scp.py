@@ -314,6 +314,27 @@ def test_dicom_tls(start_node, ct_dir, tmp_path):
     check_stored(node, {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID): f})
 
 
+def test_tls_destination_delivers_to_a_tls_node(start_node, ct_dir, tmp_path):
+    """dispatch's DICOM destination with TLS: a client certificate the node's CA signed, the peer verified."""
+    from node.dispatch import DeliveryError, send_to
+    from node.settings import DicomDestination, Settings
+    from tests.conftest import free_port
+
+    pki = _make_pki(tmp_path)
+    tls_port = free_port()
+    node = start_node(tls_cert=pki["server"], tls_key=pki["server_key"], tls_ca=pki["ca"], tls_port=str(tls_port))
+    files = sorted(ct_dir.glob("*.dcm"))[:3]
+    base = dict(name="pacs", kind="dicom", ae_title=node.ae_title, host="127.0.0.1", port=tls_port, tls=True,
+                tls_ca=pki["ca"])
+    dest = DicomDestination(**base, tls_cert=pki["client"], tls_key=pki["client_key"])
+    assert send_to(dest, files, Settings(ae_title="RADNODE2"), None) == 3
+    check_stored(node, {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID): f for f in files})
+    with pytest.raises(DeliveryError, match="failed"):  # no client certificate: refused, an error to retry
+        send_to(DicomDestination(**base), files, Settings(), None)
+    with pytest.raises(DeliveryError, match="failed"):  # plain TCP to the TLS port
+        send_to(DicomDestination(**(base | {"tls": False})), files, Settings(), None)
+
+
 def test_disk_full_then_recovers(start_node, ct_dir, tmp_path, db_url):
     """A tiny tmpfs as the data dir: 0xA700 when full, never a crash; accepts again once space returns."""
     need(os.geteuid() == 0, "mounting a tmpfs needs root")
