@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -157,8 +158,8 @@ def jobs(
     for j in rows:
         table.add_row(
             str(j["id"]), j["series_uid"], f"{j['plugin']} {j['plugin_version'] or ''}".strip(), j["state"],
-            str(j["attempts"]), j["queue"], str(len(j["warnings"])), _deliveries_cell(j["deliveries"]),
-            (f"{j['fail_stage']}: " if j["fail_stage"] else "") + (j["reason"] or ""),
+            str(j["attempts"]), j["queue"], str(len(j["warnings"])), escape(_deliveries_cell(j["deliveries"])),
+            escape((f"{j['fail_stage']}: " if j["fail_stage"] else "") + (j["reason"] or "")),
         )
     _wide_console().print(table)
 
@@ -254,6 +255,101 @@ def watch(
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     print(f"watching {orthanc} for stable studies", flush=True)
     watcher.run(stop, interval)
+
+
+@app.command()
+def infer(
+    path: Annotated[Path, typer.Argument(help="a folder, a zip of DICOM files, or one DICOM file")],
+    plugin: Annotated[str, typer.Option("--plugin", help="plugin name (see `radnode plugins`)")],
+    out: Annotated[Path, typer.Option("--out", help="folder for the DICOM outputs and findings.json")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the results as JSON")] = False,
+) -> None:
+    """Run one plugin offline on local files: writes SEG/SR/SC and findings.json, prints a summary.
+
+    No node, job table or broker is needed. Exit 0 when every series ran (or the plugin does not apply
+    to it), 1 when a series failed or the input holds no DICOM, 2 for an unknown or unavailable plugin.
+    """
+    from node.inference import load_plugin
+    from node.offline import InferError, group_series, infer_series, input_files
+    from plugins.base import WeightsUnavailable
+    from plugins.registry import discover, unavailable_reason
+
+    s = settings()
+    _setup_logging(s)
+    discovery = discover()
+    manifest = discovery.manifests.get(plugin)
+    if manifest is None:
+        why = discovery.errors.get(plugin) or f"not installed (installed: {', '.join(sorted(discovery.manifests))})"
+        console.print(f"[red]plugin {plugin}: {why}[/red]")
+        raise typer.Exit(2)
+    why = unavailable_reason(manifest, s.models_path)
+    if why:
+        console.print(f"[red]plugin {plugin} is unavailable: {why}[/red]")
+        raise typer.Exit(2)
+    try:
+        loaded, sha = load_plugin(manifest, s)
+    except WeightsUnavailable as exc:
+        console.print(f"[red]plugin {plugin} is unavailable: {exc}[/red]")
+        raise typer.Exit(2) from None
+    runs = []
+    try:
+        with input_files(path) as files, Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            console=console, disable=as_json,
+        ) as progress:
+            task = progress.add_task("reading headers", total=len(files))
+            series, info, skipped = group_series(files, on_file=lambda: progress.advance(task))
+            if not series:
+                raise InferError(f"{path}: no DICOM files found ({skipped} other file(s))")
+            for i, (uid, series_files) in enumerate(series.items()):
+                target = out if len(series) == 1 else out / f"series-{i + 1:02d}"
+                stage = progress.add_task(f"series {i + 1}/{len(series)}", total=3)
+
+                def step(what, stage=stage, i=i):
+                    progress.update(stage, description=f"series {i + 1}/{len(series)}: {what}")
+                    progress.advance(stage)
+
+                runs.append(infer_series(loaded, manifest, s, series_files, info[uid], uid, target, sha, step))
+                progress.update(stage, completed=3)
+    except InferError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    if as_json:
+        print(json.dumps([r.to_json() for r in runs], indent=2))
+    else:
+        _print_runs(runs, skipped)
+    if any(r.state == "failed" for r in runs):
+        raise typer.Exit(1)
+
+
+def _print_runs(runs, skipped: int) -> None:
+    out = _wide_console()
+    for r in runs:
+        out.print(f"[bold]series {r.series_uid}[/bold] ({escape(r.modality)}, {r.files} file(s)): {r.state}"
+                  + (f" - {escape(r.reason)}" if r.reason else ""))
+        f = r.findings or {}
+        if f.get("measurements"):
+            table = Table("measurement", "segment", "value", "unit", box=None)
+            for m in f["measurements"]:
+                table.add_row(escape(m["concept"]["meaning"]), escape(m["segment"] or "(whole image)"),
+                              f"{m['value']:.4g}", escape(m["unit"]))
+            out.print(table)
+        if f.get("classifications"):
+            table = Table("finding", "probability", "threshold", "result", box=None)
+            for c in f["classifications"]:
+                table.add_row(escape(c["concept"]["meaning"]), f"{c['probability']:.3f}", f"{c['threshold']:g}",
+                              "present" if c["positive"] else "absent")
+            out.print(table)
+        if f.get("summary"):
+            out.print(f"summary: {escape(f['summary'])}")
+        for w in r.warnings:
+            out.print(f"[yellow]warning:[/yellow] {escape(w)}")
+        for p in r.outputs:
+            out.print(f"  wrote {escape(p)}")
+        if r.timings:
+            out.print("  seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in r.timings.items()))
+    if skipped:
+        out.print(f"{skipped} file(s) that are not DICOM were skipped")
 
 
 @jobs_app.command("redeliver")

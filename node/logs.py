@@ -45,6 +45,9 @@ def setup_logging(level: str = "INFO", json_lines: bool = False, salt: str = "")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     quiet_pynetdicom()
+    # These libraries log dataset UIDs and file names at INFO; our own lines carry hashed UIDs only.
+    for name in ("highdicom", "dicomweb_client", "orthanc_api_client"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def quiet_pynetdicom() -> None:

@@ -150,6 +150,10 @@ def test_orthanc_sends_the_chest_ct_and_gets_sr_seg_sc_back(stack: Stack, orthan
     assert result_counts(orthanc, study_uid) == counts
     listed = node.cli("jobs").stdout
     assert "pacs: sent" in listed and "sender: sent" in listed
+    logs = node.logs()  # hashed UIDs only, also from the libraries that encode and send
+    header = pydicom.dcmread(files[0], stop_before_pixels=True)
+    for identifier in (study_uid, str(header.SOPInstanceUID), str(header.PatientID), str(header.PatientName)):
+        assert identifier not in logs
 
 
 def test_stow_rs_destination(any_stack: Stack, orthanc_for, ct_dir: Path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
@@ -16,31 +15,16 @@ from db.models import FailStage, Job, JobState, Series, Study, utcnow
 from db.session import make_engine, make_sessionmaker
 from node.dispatch import Dispatcher
 from node.heartbeat import Heartbeat
-from node.imaging import ImageLoadError, load_image
+from node.imaging import ImageLoadError
+from node.inference import encode_outputs, load_plugin, load_series_image, merged_warnings, run_plugin
 from node.logs import uid_hash
 from node.queueing import TASK_DISPATCH, TASK_INFER, Enqueuer
-from node.results.common import Provenance
-from node.results.outputs import read_sources, write_outputs
-from node.router import normalise_body_part
 from node.settings import Settings, load_settings
-from plugins.base import Findings, Manifest, Plugin, WeightsUnavailable
-from plugins.registry import Discovery, build, discover, sha256_file, unavailable_reason, weights_path
+from plugins.base import Manifest, Plugin, WeightsUnavailable
+from plugins.registry import Discovery, discover, unavailable_reason
 from workers.celery_app import app
 
 log = logging.getLogger("radnode.worker")
-
-
-def resolve_device(setting: str, manifest: Manifest) -> str:
-    """The device a plugin runs on: the setting, or for "auto" CUDA for GPU-queue plugins when present."""
-    if setting != "auto":
-        return setting
-    if manifest.queue != "gpu":
-        return "cpu"
-    try:
-        import torch
-    except ImportError:
-        return "cpu"
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class WorkerRuntime:
@@ -60,19 +44,9 @@ class WorkerRuntime:
         """The loaded plugin and the SHA-256 of its weights (loaded once per process). Raises
         WeightsUnavailable, PluginLoadError or whatever the plugin's load raises."""
         cached = self.plugins.get(manifest.name)
-        if cached is not None:
-            return cached
-        path = weights_path(manifest, self.settings.models_path)
-        sha = sha256_file(path) if path is not None and path.is_file() else None
-        plugin = build(manifest)
-        plugin.load(resolve_device(self.settings.device, manifest), path)
-        self.plugins[manifest.name] = (plugin, sha)
-        return plugin, sha
-
-    def provenance(self, manifest: Manifest) -> Provenance:
-        s = self.settings
-        return Provenance(manifest=manifest, manufacturer=s.manufacturer, model_name=s.model_name,
-                          device_serial_number=s.device_serial_number, institution_name=s.institution_name)
+        if cached is None:
+            cached = self.plugins[manifest.name] = load_plugin(manifest, self.settings)
+        return cached
 
     def _finish(self, job_id: int, fn, *args: Any, **values: Any) -> bool:
         with self.maker.begin() as session:
@@ -138,10 +112,10 @@ class WorkerRuntime:
         t = time.perf_counter()
         try:
             paths = [self.settings.instances_dir / p for p in rel_paths]
-            image = load_image(paths, min_slices=manifest.series.min_slices)
-            parts = normalise_body_part(series.body_part_examined, study.study_description,
-                                        series.series_description, series.protocol_name)
-            image = dataclasses.replace(image, body_parts=parts)
+            image = load_series_image(paths, manifest, {
+                "BodyPartExamined": series.body_part_examined, "StudyDescription": study.study_description,
+                "SeriesDescription": series.series_description, "ProtocolName": series.protocol_name,
+            })
         except ImageLoadError as exc:
             self._finish(job_id, jobs.fail, R, FailStage.INFER, f"image load: {exc}", **common)
             return JobState.FAILED
@@ -153,17 +127,14 @@ class WorkerRuntime:
         timings["image_load"] = round(time.perf_counter() - t, 3)
         t = time.perf_counter()
         try:
-            findings: Findings = plugin.run(image)
-            if not isinstance(findings, Findings):
-                raise TypeError(f"run() returned {type(findings).__name__}, not Findings")
-            findings.validate(manifest, image)
+            findings = run_plugin(plugin, manifest, image)
         except Exception as exc:
             log.exception("job %d: plugin %s failed", job_id, manifest.name)
             self._finish(job_id, jobs.fail, R, FailStage.INFER, f"{type(exc).__name__}: {exc}",
                          warnings=list(image.warnings), timings=timings, **common)
             return JobState.FAILED
         timings["infer"] = round(time.perf_counter() - t, 3)
-        warnings = list(dict.fromkeys([*image.warnings, *findings.warnings]))
+        warnings = merged_warnings(image, findings)
         if findings.not_applicable:
             self._finish(job_id, jobs.skip, R, f"not applicable: {findings.not_applicable}", warnings=warnings,
                          findings=findings.to_json(), timings=timings, **common)
@@ -173,9 +144,8 @@ class WorkerRuntime:
             meta = {"job_id": job_id, "plugin": manifest.name, "plugin_version": manifest.version,
                     "weights_sha256": sha, "source_instances": len(image.sources)}
             by_uid = {Path(p).stem: self.settings.instances_dir / p for p in rel_paths}
-            outputs = write_outputs(findings, image, read_sources(image, by_uid), self.provenance(manifest),
-                                    series.series_uid, self.settings.outputs_dir / str(job_id), meta,
-                                    self.settings.sc_max_images)
+            outputs = encode_outputs(findings, image, by_uid, self.settings, manifest, series.series_uid,
+                                     self.settings.outputs_dir / str(job_id), meta)
         except Exception as exc:
             log.exception("job %d: encoding failed", job_id)
             self._finish(job_id, jobs.fail, R, FailStage.ENCODE, f"{type(exc).__name__}: {exc}",
