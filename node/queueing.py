@@ -57,8 +57,18 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+EMBEDDED_POLL_SECONDS = 0.1
+
+
 def make_celery(settings: Settings, main: str = "radnode") -> Celery:
     """A Celery app configured from the settings (tasks are registered by `workers`)."""
+    if is_embedded(settings):
+        # A worker polls the SQLite queue tables; kombu's default 1 s costs up to a second per hop (twice
+        # per job: infer, then dispatch). This transport hands every transport option to create_engine, so
+        # the interval cannot go there: it is a class attribute.
+        from kombu.transport import sqlalchemy as sqla_transport
+
+        sqla_transport.Transport.polling_interval = EMBEDDED_POLL_SECONDS
     app = Celery(main, set_as_current=False)
     app.conf.update(celery_config(settings))
     return app
