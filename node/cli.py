@@ -352,6 +352,55 @@ def _print_runs(runs, skipped: int) -> None:
         out.print(f"{skipped} file(s) that are not DICOM were skipped")
 
 
+@app.command()
+def demo(
+    host: Annotated[str, typer.Option(help="the node's address")] = "127.0.0.1",
+    port: Annotated[int | None, typer.Option(help="the node's DICOM port (default: the dicom_port setting)")] = None,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the job")] = 300.0,
+    keep: Annotated[Path | None, typer.Option(help="keep the phantom's DICOM files in this folder")] = None,
+) -> None:
+    """Send a synthetic chest CT phantom to the running node, wait for its job, and print where the
+    SR/SEG/SC went and the measured lung values next to the phantom's true values."""
+    import tempfile
+
+    from node.demo import DemoError, comparison, run_demo
+
+    s = settings()
+    maker = open_db()
+    with tempfile.TemporaryDirectory(prefix="radnode-demo-") as tmp:
+        folder = keep or Path(tmp)
+        try:
+            result = run_demo(folder, host, port or s.dicom_port, s.ae_title, maker, timeout,
+                              progress=lambda msg: console.print(f"[cyan]{escape(msg)}[/cyan]"))
+        except DemoError as exc:
+            console.print(f"[red]{escape(str(exc))}[/red]")
+            raise typer.Exit(1) from None
+    out = _wide_console()
+    ok = True
+    for job in result.jobs:
+        out.print(f"[bold]job {job['id']}[/bold]: {job['plugin']} {job['plugin_version']} -> {job['state']}"
+                  + (f" ({escape(job['reason'])})" if job["reason"] else ""))
+        ok &= job["state"] in ("delivered", "encoded")
+        for d in job["deliveries"]:
+            out.print(f"  sent to {escape(d['destination'])}: {d['state']}"
+                      + (f" - {escape(d['last_error'])}" if d["last_error"] and d["state"] != "sent" else ""))
+        if not job["deliveries"]:
+            out.print("  no destination configured: the objects stay in the outputs folder")
+        for p in job["outputs"]:
+            out.print(f"  {escape(p)}")
+        for w in job["warnings"]:
+            out.print(f"  [yellow]warning:[/yellow] {escape(w)}")
+        if job["plugin"] == "lung-quant" and job["findings"]:
+            table = Table("", "measured", "phantom truth", "difference", box=None)
+            for what, unit, measured, truth in comparison(job, result.phantom):
+                shown = "-" if measured is None else f"{measured:.1f} {unit}"
+                diff = "-" if measured is None else f"{measured - truth:+.1f} {unit}"
+                table.add_row(what, shown, f"{truth:.1f} {unit}", diff)
+            out.print(table)
+    if not result.jobs or not ok:
+        raise typer.Exit(1)
+
+
 @jobs_app.command("redeliver")
 def jobs_redeliver(
     job_id: Annotated[int, typer.Argument(help="job id")],

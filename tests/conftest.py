@@ -112,7 +112,8 @@ def sessionmaker(db_url: str):
 class NodeProcess:
     """`radnode run` in its own process group, configured through RADNODE_* variables."""
 
-    def __init__(self, data_dir: Path, db_url: str, **settings: str) -> None:
+    def __init__(self, data_dir: Path, db_url: str, default_rules: bool = False, **settings: str) -> None:
+        """`default_rules`: route with the packaged rules; otherwise with `rules_file`, or with none at all."""
         self.data_dir = data_dir
         self.port = int(settings.pop("dicom_port", free_port()))
         self.ae_title = settings.get("ae_title", "RADNODE")
@@ -128,6 +129,8 @@ class NodeProcess:
                 "RADNODE_LOG_LEVEL": "DEBUG",
             }
         )
+        if not default_rules:
+            self.env["RADNODE_RULES_FILE"] = str(Path(__file__).parent / "fixtures" / "no_rules.yaml")
         self.env.update({f"RADNODE_{k.upper()}": str(v) for k, v in settings.items()})
         self.proc: subprocess.Popen | None = None
         self.log_path = data_dir.parent / f"node-{uuid.uuid4().hex[:6]}.log"

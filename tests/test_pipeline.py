@@ -61,17 +61,19 @@ class Stack:
         path.write_text(text)
         return path
 
-    def start(self, rules: str, env: dict[str, str] | None = None, worker: bool = True, **settings: str) -> NodeProcess:
+    def start(self, rules: str | None, env: dict[str, str] | None = None, worker: bool = True,
+              **settings: str) -> NodeProcess:
+        """Start the node with these rules (None: the packaged default rules)."""
         base = {
             "models_dir": str(self.models),
-            "rules_file": str(self.rules(rules)),
+            **({"rules_file": str(self.rules(rules))} if rules is not None else {}),
             "job_heartbeat_seconds": "0.5",
             "job_lost_seconds": "3",
             "job_resend_seconds": "30",
         }
         if self.kind == "redis":
             base |= {"broker_url": REDIS_URL, "embedded_worker": "false"}
-        node = NodeProcess(self.tmp_path / "data", self.db_url, **(base | settings))
+        node = NodeProcess(self.tmp_path / "data", self.db_url, default_rules=rules is None, **(base | settings))
         node.env["PYTHONPATH"] = os.pathsep.join([str(FIXTURE_SITE), os.environ.get("PYTHONPATH", "")])
         node.env["TESTPLUGIN_SLOW_SECONDS"] = "0"
         node.env.update(env or {})

@@ -16,7 +16,6 @@ from node.rules import (
     CountCondition,
     NumCondition,
     RulesError,
-    RuleSet,
     StrCondition,
     load_rules,
     parse_rules,
@@ -83,8 +82,12 @@ GOOD = yml(
 # --- loading ------------------------------------------------------------------------------------------
 
 
-def test_default_rules_load_with_no_plugins():
-    assert load_rules(None, {}) == RuleSet(rules=[])
+def test_default_rules_route_chest_ct_to_lung_quant():
+    from plugins.registry import discover
+
+    ruleset = load_rules(None, discover().manifests)
+    assert [(r.name, r.plugins, r.destinations) for r in ruleset.rules] == [("chest-ct-lungs", ["lung-quant"], None)]
+    assert ruleset.rules[0].when.Modality.test_any(["CT"])
 
 
 def test_default_rules_file_documents_an_example():

@@ -69,6 +69,31 @@ def drop_incomplete_references(ds: Dataset) -> None:
             del ds[keyword]
 
 
+def declare_private_schemes(ds: Dataset) -> None:
+    """Add a Coding Scheme Identification item for every private coding scheme (designator "99...")
+    the object's codes use, so a reader can tell where a code such as 99RADNODE LAA950 comes from."""
+    found: set[str] = set()
+    stack = [ds]
+    while stack:
+        current = stack.pop()
+        for element in current:
+            if element.VR == "SQ":
+                stack.extend(element.value)
+            elif element.keyword == "CodingSchemeDesignator" and str(element.value).startswith("99"):
+                found.add(str(element.value))
+    if not found:
+        return
+    items = list(ds.get("CodingSchemeIdentificationSequence", []))
+    known = {str(it.get("CodingSchemeDesignator")) for it in items}
+    for designator in sorted(found - known):
+        item = Dataset()
+        item.CodingSchemeDesignator = designator
+        item.CodingSchemeName = f"{designator} private codes of the radnode AI node and its plugins"
+        item.CodingSchemeResponsibleOrganization = "radnode project"
+        items.append(item)
+    ds.CodingSchemeIdentificationSequence = items
+
+
 def derive_uid(source_series_uid: str, plugin: str, plugin_version: str, kind: str, index: int | str) -> str:
     """A UID fixed by (source series, plugin, version, object kind, index): a re-run reproduces it.
 

@@ -12,7 +12,14 @@ from pydicom.pixels import pack_bits
 from pydicom.sr.codedict import codes
 from pydicom.uid import UltrasoundImageStorage, UltrasoundMultiFrameImageStorage
 
-from node.results.common import Provenance, coded, drop_incomplete_references, series_number, source_header
+from node.results.common import (
+    Provenance,
+    coded,
+    declare_private_schemes,
+    drop_incomplete_references,
+    series_number,
+    source_header,
+)
 from plugins.base import Findings, Image, SegmentSpec
 
 # CID 7162 "Surface Processing Algorithm Families": (123110, DCM, "Artificial Intelligence").
@@ -103,6 +110,7 @@ def encode_seg(
         _spread_over_frames(seg, stacked, str(single.SOPInstanceUID))
     seg.SeriesDescription = prov.series_description("SEG")
     drop_incomplete_references(seg)
+    declare_private_schemes(seg)
     if "FrameOfReferenceUID" not in seg:  # General Image: Patient Orientation (Type 2C) without a frame of reference
         seg.PatientOrientation = source_images[0].get("PatientOrientation", "")
     if prov.institution_name:

@@ -10,7 +10,15 @@ from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from node.results.common import Provenance, coded, derive_uid, drop_incomplete_references, series_number, source_header
+from node.results.common import (
+    Provenance,
+    coded,
+    declare_private_schemes,
+    derive_uid,
+    drop_incomplete_references,
+    series_number,
+    source_header,
+)
 from node.router import normalise_body_part
 from plugins.base import Findings, Image, Measurement, SourceRef
 
@@ -195,6 +203,7 @@ def encode_sr(
         is_verified=False,
     )
     drop_incomplete_references(sr)
+    declare_private_schemes(sr)
     return sr
 
 
