@@ -68,9 +68,11 @@ def merged_warnings(image: Image, findings: Findings) -> list[str]:
 
 
 def encode_outputs(findings: Findings, image: Image, paths_by_uid: Mapping[str, Path], settings: Settings,
-                   manifest: Manifest, source_series_uid: str, out_dir: Path, meta: dict[str, Any]) -> list[Path]:
-    """SEG/SR/SC and findings.json for one run, with provenance from the settings. Raises ValueError/OSError."""
+                   manifest: Manifest, source_series_uid: str, out_dir: Path, meta: dict[str, Any],
+                   timings: dict[str, float] | None = None) -> list[Path]:
+    """SEG/SR/SC and findings.json for one run, with provenance from the settings; `timings` receives
+    the seconds per object kind. Raises ValueError/OSError."""
     prov = Provenance(manifest=manifest, manufacturer=settings.manufacturer, model_name=settings.model_name,
                       device_serial_number=settings.device_serial_number, institution_name=settings.institution_name)
     return write_outputs(findings, image, read_sources(image, paths_by_uid), prov, source_series_uid, out_dir, meta,
-                         settings.sc_max_images)
+                         settings.sc_max_images, timings)

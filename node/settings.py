@@ -164,7 +164,7 @@ class Settings(BaseSettings):
         description="DICOM receiver processes sharing the port",
     )
     max_pdu: int = Field(0, ge=0, description="maximum PDU we accept (0 = unlimited)")
-    sweep_seconds: float = Field(0.5, gt=0, description="how often the tracker looks for stable series")
+    sweep_seconds: float = Field(0.25, gt=0, description="how often the tracker looks for stable series")
     rules_file: Path | None = Field(None, description="routing rules YAML; default: the packaged default rules")
     embedded_worker: bool = Field(True, description="`radnode run` also starts a worker process (off in production)")
     worker_concurrency: int = Field(1, ge=1, le=64, description="processes of the embedded worker")

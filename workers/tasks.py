@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from celery.signals import worker_process_init
+
 from db import deliveries, jobs
 from db.models import FailStage, Job, JobState, Series, Study, utcnow
 from db.session import make_engine, make_sessionmaker
@@ -19,6 +21,7 @@ from node.imaging import ImageLoadError
 from node.inference import encode_outputs, load_plugin, load_series_image, merged_warnings, run_plugin
 from node.logs import uid_hash
 from node.queueing import TASK_DISPATCH, TASK_INFER, Enqueuer
+from node.results.common import warm_up
 from node.settings import Settings, load_settings
 from plugins.base import Manifest, Plugin, WeightsUnavailable
 from plugins.registry import Discovery, discover, unavailable_reason
@@ -144,14 +147,16 @@ class WorkerRuntime:
             meta = {"job_id": job_id, "plugin": manifest.name, "plugin_version": manifest.version,
                     "weights_sha256": sha, "source_instances": len(image.sources)}
             by_uid = {Path(p).stem: self.settings.instances_dir / p for p in rel_paths}
+            parts: dict[str, float] = {}
             outputs = encode_outputs(findings, image, by_uid, self.settings, manifest, series.series_uid,
-                                     self.settings.outputs_dir / str(job_id), meta)
+                                     self.settings.outputs_dir / str(job_id), meta, parts)
         except Exception as exc:
             log.exception("job %d: encoding failed", job_id)
             self._finish(job_id, jobs.fail, R, FailStage.ENCODE, f"{type(exc).__name__}: {exc}",
                          warnings=warnings, timings=timings, **common)
             return JobState.FAILED
         timings["encode"] = round(time.perf_counter() - t, 3)
+        timings |= {f"encode:{kind}": seconds for kind, seconds in parts.items()}
         with self.maker.begin() as session:
             done = jobs.transition(session, job_id, R, JobState.ENCODED, warnings=warnings,
                                    findings=findings.to_json(), outputs=[str(p) for p in outputs], timings=timings,
@@ -205,3 +210,9 @@ def infer(job_id: int) -> str:
 def dispatch(delivery_id: int) -> str:
     """Celery entry: one attempt of delivery `delivery_id` (the sweeper sends retries when due)."""
     return runtime().dispatch(int(delivery_id))
+
+
+@worker_process_init.connect
+def _warm_up(**_: Any) -> None:
+    """Each pool process loads the encoders' tables now, not during its first job."""
+    warm_up()

@@ -26,18 +26,34 @@ TYPE2_PATIENT_STUDY = (
 TYPE3_PATIENT = ("PatientAge", "PatientSize", "PatientWeight", "PatientBirthTime", "EthnicGroup")
 
 
+def warm_up() -> None:
+    """Load highdicom's tables of the standard (about 0.3 s) in a worker before its first job needs them.
+
+    These loaders are highdicom internals: if they move, the first encode simply pays the cost itself."""
+    try:
+        from highdicom import _standard_utils as standard
+
+        standard.get_sop_class_iod_map()
+        standard.get_iod_module_map()
+        standard.get_module_attribute_map()
+    except (ImportError, AttributeError):
+        pass
+
+
 def coded(code: Code) -> hd.sr.CodedConcept:
     """A plugin's Code as highdicom's CodedConcept."""
     return hd.sr.CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
 
 
-def source_header(source: Dataset) -> Dataset:
+def source_header(source: Dataset, sequences: bool = True) -> Dataset:
     """A copy of a source's header (no pixel data) that highdicom can copy the patient/study module
     from: absent Type 2 attributes added empty (unknown), Type 3 patient values invalid for their VR
-    (an Age String "81" where "081Y" is meant) left out. The caller's dataset is never changed."""
+    (an Age String "81" where "081Y" is meant) left out. The caller's dataset is never changed.
+    `sequences` False leaves out every sequence (single-frame sources other than the first, whose
+    sequences no encoder reads)."""
     header = Dataset()
     for element in source:
-        if element.keyword not in _PIXEL_KEYWORDS:
+        if element.keyword not in _PIXEL_KEYWORDS and (sequences or element.VR != "SQ"):
             # sequences are edited by the encoders (referenced SOP classes): deep copies; other values are
             # only read, and a shallow copy is 20x cheaper on a 500-slice series
             header.add(copy.deepcopy(element) if element.VR == "SQ" else copy.copy(element))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,32 +36,49 @@ def _save(ds: Dataset, path: Path) -> Path:
 
 
 def write_outputs(findings: Findings, image: Image, sources: Mapping[str, Dataset], prov: Provenance,
-                  source_series_uid: str, out_dir: Path, meta: dict[str, Any], sc_max_images: int = 3) -> list[Path]:
+                  source_series_uid: str, out_dir: Path, meta: dict[str, Any], sc_max_images: int = 3,
+                  timings: dict[str, float] | None = None) -> list[Path]:
     """Encode the objects the manifest declares and write them with findings.json; returns the paths.
 
-    A re-run writes the same file names and the same UIDs. Raises ValueError (findings the encoders
-    cannot represent) or OSError.
+    A re-run writes the same file names and the same UIDs. `timings`, when given, receives the seconds
+    spent per object kind (SEG, SR, SC, findings). Raises ValueError (findings the encoders cannot
+    represent) or OSError.
     """
     with warnings.catch_warnings():
         # highdicom and pydicom quote the offending value (a patient's name) in these warnings: PHI
         warnings.filterwarnings("ignore", message=r".*person name.*")
         warnings.filterwarnings("ignore", message=r".*Invalid value for VR.*")
-        return _write(findings, image, sources, prov, source_series_uid, out_dir, meta, sc_max_images)
+        return _write(findings, image, sources, prov, source_series_uid, out_dir, meta, sc_max_images,
+                      timings if timings is not None else {})
 
 
 def _write(findings: Findings, image: Image, sources: Mapping[str, Dataset], prov: Provenance,
-           source_series_uid: str, out_dir: Path, meta: dict[str, Any], sc_max_images: int) -> list[Path]:
+           source_series_uid: str, out_dir: Path, meta: dict[str, Any], sc_max_images: int,
+           timings: dict[str, float]) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.glob("*.dcm"):
         old.unlink()  # a re-run may select other SC slices: keep only this run's objects
     kinds = set(prov.manifest.outputs)
     written: list[Path] = []
+    t = time.perf_counter()
+
+    def lap(kind: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        timings[kind] = round(now - t, 3)
+        t = now
+
     seg = encode_seg(findings, image, sources, prov, source_series_uid) if "SEG" in kinds else None
     if seg is not None:
         written.append(_save(seg, out_dir / "SEG.dcm"))
+        lap("SEG")
     if "SR" in kinds:
         written.append(_save(encode_sr(findings, image, sources, prov, source_series_uid, seg=seg), out_dir / "SR.dcm"))
+        lap("SR")
     if "SC" in kinds:
         for i, sc in enumerate(encode_sc(findings, image, sources, prov, source_series_uid, sc_max_images)):
             written.append(_save(sc, out_dir / f"SC-{i + 1:03d}.dcm"))
-    return written + write_findings(findings, out_dir, meta)
+        lap("SC")
+    written += write_findings(findings, out_dir, meta)
+    lap("findings")
+    return written
