@@ -70,9 +70,14 @@ class Claim:
     attempt: int
 
 
+# A delivery made due by one host's clock is claimed on another's: this much skew still counts as due.
+CLOCK_SKEW = timedelta(seconds=5)
+
+
 def claim(session: Session, delivery_id: int, now: datetime) -> Claim | None:
-    """Start an attempt: pending, due, not being attempted, and its job encoded. None when another
-    attempt owns it, it is not due, or it has settled (a duplicate task). The caller commits."""
+    """Start an attempt: pending, due (give or take CLOCK_SKEW), not being attempted, and its job encoded.
+    None when another attempt owns it, it is not due, or it has settled (a duplicate task). The caller
+    commits."""
     encoded = select(Job.id).where(Job.state == JobState.ENCODED)
     stmt = (
         update(Delivery)
@@ -81,7 +86,7 @@ def claim(session: Session, delivery_id: int, now: datetime) -> Claim | None:
             Delivery.state == P,
             Delivery.started_at.is_(None),
             Delivery.next_attempt_at.is_not(None),
-            Delivery.next_attempt_at <= now,
+            Delivery.next_attempt_at <= now + CLOCK_SKEW,
             Delivery.job_id.in_(encoded),
         )
         .values(started_at=now, heartbeat_at=now, updated_at=now, attempts=Delivery.attempts + 1)
@@ -117,6 +122,10 @@ def succeeded(session: Session, c: Claim, instances: int, now: datetime) -> str 
     if session.execute(stmt).rowcount != 1:
         return None
     return settle(session, c.job_id, now)
+
+
+def is_sent(session: Session, delivery_id: int) -> bool:
+    return session.execute(select(Delivery.state).where(Delivery.id == delivery_id)).scalar_one_or_none() == SENT
 
 
 def attempt_failed(session: Session, c: Claim, error: str, now: datetime, *, max_attempts: int, base: float,

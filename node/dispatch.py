@@ -206,14 +206,18 @@ class Dispatcher:
         with self.maker.begin() as session:
             if error is None:
                 job_state = deliveries.succeeded(session, claim, count, utcnow())
-                self._record_timing(session, claim.job_id, claim.destination, seconds)
-                outcome = "sent"
+                outcome = "sent" if job_state is not None or deliveries.is_sent(session, delivery_id) else "lost"
+                if outcome == "sent":
+                    self._record_timing(session, claim.job_id, claim.destination, seconds)
             else:
                 outcome, job_state = deliveries.attempt_failed(
                     session, claim, str(error), utcnow(), max_attempts=s.delivery_max_attempts,
                     base=s.delivery_backoff_seconds, cap=s.delivery_backoff_max_seconds, permanent=error.permanent,
                 )
-        if error is None:
+        if outcome == "lost":
+            log.warning("job %d: delivery to %s was taken back meanwhile (job retried or attempt released)",
+                        claim.job_id, claim.destination)
+        elif error is None:
             log.info("job %d: %d object(s) sent to %s in %.2f s", claim.job_id, count, claim.destination, seconds)
         elif outcome == "retry":
             wait = deliveries.backoff(claim.attempt, s.delivery_backoff_seconds, s.delivery_backoff_max_seconds)

@@ -21,6 +21,9 @@ from node.storage import InstanceStore, StorageError, read_header
 log = logging.getLogger("radnode.pull")
 
 
+MAX_TRIES = 5  # pulls of one stable study before the watcher gives up on it
+
+
 class PullError(RuntimeError):
     """The source could not be reached or does not have the study (the message says which)."""
 
@@ -111,6 +114,7 @@ class OrthancWatcher:
         self.client, self.ingest, self.state_file, self.from_start = client, ingest, state_file, from_start
         self.source_ae: str | None = None
         self.since: int | None = None
+        self.failures: dict[int, int] = {}  # change sequence -> failed pulls
 
     def _load(self) -> int:
         try:
@@ -138,11 +142,22 @@ class OrthancWatcher:
                                                 lambda: self.client.get_changes(since=self.since, limit=100))
             for change in changes:
                 if change.change_type == "StableStudy":
-                    report = pull_orthanc(self.client, self.ingest, orthanc_id=change.resource_id,
-                                          source_ae=self.source_ae)
-                    log.info("pulled stable study %s from Orthanc: %d stored, %d failed",
-                             uid_hash(change.resource_id), report.stored, len(report.failed))
-                    reports.append(report)
+                    try:
+                        report = pull_orthanc(self.client, self.ingest, orthanc_id=change.resource_id,
+                                              source_ae=self.source_ae)
+                    except PullError as exc:
+                        # tried again on the next poll (Orthanc down a moment); a study that keeps failing
+                        # (deleted meanwhile) is given up after MAX_TRIES so the watcher does not stall
+                        self.failures[change.sequence_id] = self.failures.get(change.sequence_id, 0) + 1
+                        if self.failures[change.sequence_id] < MAX_TRIES:
+                            raise
+                        log.error("watch: giving up on stable study %s after %d tries: %s",
+                                  uid_hash(change.resource_id), MAX_TRIES, exc)
+                    else:
+                        log.info("pulled stable study %s from Orthanc: %d stored, %d failed",
+                                 uid_hash(change.resource_id), report.stored, len(report.failed))
+                        reports.append(report)
+                self.failures.pop(change.sequence_id, None)
                 self.since = change.sequence_id
                 self._save(self.since)
             if last is not None and last > (self.since or 0):

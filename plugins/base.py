@@ -67,6 +67,10 @@ class Manifest(_Model):
         None, description="weights file under <models dir>/<name>/ (safetensors, TorchScript, ONNX); None = none"
     )
     reference_only: bool = Field(False, description="a template/test plugin: never routed by default rules")
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="architecture and preprocessing as JSON values; <models dir>/<name>/config.json overrides keys",
+    )
 
     @field_validator("name")
     @classmethod
@@ -275,3 +279,10 @@ class Plugin(ABC):
     def run(self, image: Image) -> Findings:
         """Run on one series. Return `Findings.not_applicable_because(reason)` when the series does
         not suit the model; raise on a genuine failure (the job is failed with the reason)."""
+
+    def export_onnx(self, path: Path) -> dict[str, Any]:
+        """Export the loaded model to ONNX at `path` and check it against torch on a sample input.
+
+        Returns a report with at least "max_abs_diff". Plugins without an ONNX path raise
+        NotImplementedError (the default)."""
+        raise NotImplementedError(f"plugin {self.manifest.name} has no ONNX export")

@@ -103,3 +103,4 @@ def test_watcher_pulls_stable_studies_and_resumes_after_restart(setup, tmp_path:
     rows = stack.wait_jobs(lambda rows: len(rows) == 2 and all(r["state"] == "encoded" for r in rows))
     assert {r["study_uid"] for r in rows} == {study_uid, study2}
     assert len(_stored(stack, study2)) == 12
+

@@ -1,0 +1,140 @@
+"""Shared helpers for the torch plugins: merged configuration, device and autocast, strict weight loading,
+and the ONNX Runtime backend. Imports torch (and onnxruntime) lazily: manifests never import this."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from plugins.base import Manifest, WeightsUnavailable
+
+CONFIG_FILE = "config.json"
+
+
+def merged_config(manifest: Manifest, weights: Path | None) -> dict[str, Any]:
+    """The manifest's `config`, with the keys of `<models dir>/<plugin>/config.json` (beside the weights)
+    replacing it. Raises WeightsUnavailable when that file is not a JSON object or names unknown keys."""
+    config = dict(manifest.config)
+    if weights is None:
+        return config
+    path = weights.parent / CONFIG_FILE
+    if not path.is_file():
+        return config
+    try:
+        override = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise WeightsUnavailable(f"{path}: not readable JSON ({exc})") from exc
+    if not isinstance(override, dict):
+        raise WeightsUnavailable(f"{path}: must be a JSON object of configuration keys")
+    unknown = sorted(set(override) - set(config))
+    if unknown:
+        raise WeightsUnavailable(f"{path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(config))})")
+    config.update(override)
+    return config
+
+
+def torch_device(device: str) -> Any:
+    """torch.device for "cpu", "cuda", "cuda:N" (or "mps"); CUDA asked for but absent falls back to CPU."""
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+@contextlib.contextmanager
+def autocast(device: Any, enabled: bool = True) -> Iterator[None]:
+    """Inference context: no_grad, and on CUDA mixed precision (bf16 where supported, else fp16)."""
+    import torch
+
+    with torch.inference_mode():
+        if enabled and device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            with torch.autocast("cuda", dtype=dtype):
+                yield
+        else:
+            yield
+
+
+def load_weights(module: Any, path: Path | None, prefix: str = "") -> Any:
+    """Load a safetensors state dict strictly into `module` (keys under `prefix` when given) and return
+    the module in eval mode. Raises WeightsUnavailable naming missing, unexpected or mis-shaped tensors."""
+    if path is None or not path.is_file():
+        raise WeightsUnavailable(f"weights file {path} not found")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise WeightsUnavailable(f"{path}: not a safetensors file ({exc})") from exc
+    if prefix:
+        tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(tensors) if tuple(expected[k].shape) != tuple(tensors[k].shape))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+    if shapes:
+        k = shapes[0]
+        problems.append(f"{len(shapes)} of another shape (e.g. {k}: {tuple(tensors[k].shape)} where the "
+                        f"architecture has {tuple(expected[k].shape)})")
+    if problems:
+        raise WeightsUnavailable(f"{path.name} does not fit the configured architecture: {'; '.join(problems)}")
+    module.load_state_dict(tensors, strict=True)
+    return module.eval()
+
+
+def save_weights(module: Any, path: Path, prefix: str = "") -> Path:
+    """Write `module`'s state dict as safetensors (tests and tools generate weights this way)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {f"{prefix}{k}": v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    save_file(state, str(path))
+    return path
+
+
+# --- ONNX Runtime backend -------------------------------------------------------------------------------
+
+
+def export_onnx(module: Any, example: Sequence[Any], path: Path, input_names: Sequence[str],
+                output_names: Sequence[str], dynamic_axes: Mapping[str, Mapping[int, str]] | None = None) -> Path:
+    """Export an eval-mode module to ONNX (opset 17) at `path`. Raises RuntimeError from the exporter."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module = module.eval()
+    with torch.inference_mode():
+        torch.onnx.export(module, tuple(example), str(path), input_names=list(input_names),
+                          output_names=list(output_names), dynamic_axes=dict(dynamic_axes or {}), opset_version=17,
+                          dynamo=False)
+    return path
+
+
+class OnnxModel:
+    """An ONNX Runtime session with a torch-module-like call: numpy arrays in, numpy arrays out."""
+
+    def __init__(self, path: Path, device: Any) -> None:
+        if not path.is_file():
+            raise WeightsUnavailable(f"ONNX model {path} not found: run `radnode export-onnx` first")
+        import onnxruntime as ort
+
+        providers = ["CPUExecutionProvider"]
+        if getattr(device, "type", "cpu") == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        self.session = ort.InferenceSession(str(path), providers=providers)
+        self.inputs = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, *arrays: np.ndarray) -> list[np.ndarray]:
+        feed = {name: np.ascontiguousarray(a, dtype=np.float32) for name, a in zip(self.inputs, arrays, strict=True)}
+        return self.session.run(None, feed)
