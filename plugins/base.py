@@ -182,12 +182,14 @@ class Segmentation:
 
 @dataclass(frozen=True)
 class Measurement:
-    """A numeric measurement with its UCUM unit, optionally about one segment."""
+    """A numeric measurement with its UCUM unit, optionally about one segment and one frame/slice
+    (`frame`: an index into `Image.sources`, e.g. an ultrasound frame's area)."""
 
     concept: Code
     value: float
     unit: str
     segment: str | None = None
+    frame: int | None = None
 
 
 @dataclass(frozen=True)
@@ -226,6 +228,9 @@ class Findings:
         for m in self.measurements:
             if m.segment is not None and m.segment not in labels:
                 raise ValueError(f"measurement refers to undeclared segment {m.segment!r}")
+            if m.frame is not None and not 0 <= m.frame < len(image.sources):
+                raise ValueError(f"measurement {m.concept.meaning} refers to frame {m.frame}; the image has "
+                                 f"{len(image.sources)}")
             if not np.isfinite(m.value):
                 raise ValueError(f"measurement {m.concept.meaning} is not a finite number")
         for h in self.heatmaps:
@@ -248,7 +253,8 @@ class Findings:
                 for c in self.classifications
             ],
             "measurements": [
-                {"concept": m.concept.model_dump(), "value": m.value, "unit": m.unit, "segment": m.segment}
+                {"concept": m.concept.model_dump(), "value": m.value, "unit": m.unit, "segment": m.segment,
+                 "frame": m.frame}
                 for m in self.measurements
             ],
             "segmentations": [

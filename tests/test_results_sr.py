@@ -322,8 +322,10 @@ def test_ultrasound_area_per_frame_round_trips(data_root: Path, tmp_path: Path) 
     mask = np.zeros(image.pixels.shape[:3], dtype=bool)
     mask[2:5, 100:180, 150:260] = True
     area = Code(value="42798000", scheme="SCT", meaning="Area")
+    per_frame = [Measurement(area, 8800.0 + k, "mm2", "prostate", frame=k) for k in (2, 3, 4)]
     findings = Findings(segmentations=[Segmentation("prostate", mask)],
-                        measurements=[Measurement(area, 8800.0, "mm2", "prostate")], warnings=["probe gain high"])
+                        measurements=[Measurement(area, 8800.0, "mm2", "prostate"), *per_frame],
+                        warnings=["probe gain high"])
     sources = _headers(paths)
     case = Case(image, findings, sources, Provenance(manifest), str(next(iter(sources.values())).SeriesInstanceUID))
     with warnings.catch_warnings():
@@ -333,5 +335,14 @@ def test_ultrasound_area_per_frame_round_trips(data_root: Path, tmp_path: Path) 
     _assert_header(sr, case)
     (group,) = report.content.get_volumetric_roi_measurement_groups()
     assert group.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
-    assert _measurements(group) == _expected(findings, "prostate")
+    assert _measurements(group) == [_expected(findings, "prostate")[0]]  # the whole-segment area only
+    frames = report.content.get_image_measurement_groups()
+    assert len(frames) == 3  # one group per frame, its source the frame
+    for k, group in zip((2, 3, 4), frames, strict=True):
+        (src,) = group.source_images
+        assert src.referenced_sop_instance_uid == image.sources[k].sop_instance_uid
+        assert src.referenced_frame_numbers == [image.sources[k].frame_number]
+        ((name, value, unit),) = _measurements(group)
+        assert value == pytest.approx(8800.0 + k) and unit.value == "mm2"
+        assert group.finding_type == _coded(manifest.segments[0].type)
     assert "probe gain high" in _texts(report, COMMENT)

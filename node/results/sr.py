@@ -117,6 +117,7 @@ def encode_sr(
     specs = {s.label: s for s in manifest.segments}
     labels = [s.segment for s in findings.segmentations]
     labels += [m.segment for m in findings.measurements if m.segment is not None and m.segment not in labels]
+    labels = list(dict.fromkeys(labels))
     for label in labels:
         if label not in specs:
             raise ValueError(f"segment {label!r} is not declared in the manifest of {manifest.name}")
@@ -126,7 +127,8 @@ def encode_sr(
             finding_type=coded(spec.type),
             finding_category=coded(spec.category),
             algorithm_id=algorithm,
-            measurements=[_measurement(m) for m in findings.measurements if m.segment == label] or None,
+            measurements=[_measurement(m) for m in findings.measurements if m.segment == label and m.frame is None]
+            or None,
         )
         if seg is None:
             groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(source_images=source_images, **common))
@@ -141,7 +143,27 @@ def encode_sr(
             )
             groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(referenced_segment=ref, **common))
 
-    whole = [_measurement(m) for m in findings.measurements if m.segment is None]
+    # per-frame measurements (an ultrasound frame's area): one group per (segment, frame), its source the frame
+    per_frame: dict[tuple[str | None, int], list] = {}
+    for m in findings.measurements:
+        if m.frame is not None:
+            per_frame.setdefault((m.segment, m.frame), []).append(_measurement(m))
+    for (label, k), items in sorted(per_frame.items(), key=lambda kv: (kv[0][0] or "", kv[0][1])):
+        ref = image.sources[k]
+        key = f"frame:{label or 'image'}:{k}"
+        extra = {} if label is None else {"finding_type": coded(specs[label].type),
+                                          "finding_category": coded(specs[label].category)}
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking(key, f"{label or 'image'}, frame {k + 1}"),
+                algorithm_id=algorithm,
+                measurements=items,
+                source_images=[hd.sr.SourceImageForMeasurementGroup(ref.sop_class_uid, ref.sop_instance_uid,
+                                                                    _frames(ref))],
+                **extra,
+            )
+        )
+    whole = [_measurement(m) for m in findings.measurements if m.segment is None and m.frame is None]
     if whole or not groups:
         groups.append(
             hd.sr.MeasurementsAndQualitativeEvaluations(
