@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -87,7 +88,11 @@ def test_pull_from_orthanc_and_dicomweb(setup, tmp_path: Path):
 def test_watcher_pulls_stable_studies_and_resumes_after_restart(setup, tmp_path: Path):
     stack, orthanc, port = setup
     old, _ = _study(tmp_path, "before")
-    orthanc.upload(old)  # in Orthanc before the watcher's first start: not pulled
+    orthanc.upload(old)  # stable in Orthanc before the watcher's first start: not pulled
+    deadline = time.monotonic() + 30
+    while not any(c["ChangeType"] == "StableStudy" for c in orthanc.get("/changes?limit=1000")["Changes"]):
+        assert time.monotonic() < deadline, "Orthanc never marked the study stable"
+        time.sleep(0.2)
     watch = json.dumps({"url": orthanc.url, "interval_seconds": 0.5})
     node = stack.start(REFERENCE_RULES, dicom_port=str(port), watch_orthanc=watch)
     files, study_uid = _study(tmp_path, "after")
