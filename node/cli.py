@@ -23,6 +23,8 @@ db_app = typer.Typer(no_args_is_help=True, help="Job table maintenance.")
 app.add_typer(db_app, name="db")
 jobs_app = typer.Typer(help="List jobs (default) or act on one.")
 app.add_typer(jobs_app, name="jobs")
+models_app = typer.Typer(no_args_is_help=True, help="Model files: what each plugin expects and what is there.")
+app.add_typer(models_app, name="models")
 console = Console(stderr=True)
 _state: dict[str, Path | None] = {"config": None}
 
@@ -269,28 +271,10 @@ def infer(
     No node, job table or broker is needed. Exit 0 when every series ran (or the plugin does not apply
     to it), 1 when a series failed or the input holds no DICOM, 2 for an unknown or unavailable plugin.
     """
-    from node.inference import load_plugin
     from node.offline import InferError, group_series, infer_series, input_files
-    from plugins.base import WeightsUnavailable
-    from plugins.registry import discover, unavailable_reason
 
-    s = settings()
+    s, manifest, loaded, sha = _loaded_plugin(plugin)
     _setup_logging(s)
-    discovery = discover()
-    manifest = discovery.manifests.get(plugin)
-    if manifest is None:
-        why = discovery.errors.get(plugin) or f"not installed (installed: {', '.join(sorted(discovery.manifests))})"
-        console.print(f"[red]plugin {plugin}: {why}[/red]")
-        raise typer.Exit(2)
-    why = unavailable_reason(manifest, s.models_path)
-    if why:
-        console.print(f"[red]plugin {plugin} is unavailable: {why}[/red]")
-        raise typer.Exit(2)
-    try:
-        loaded, sha = load_plugin(manifest, s)
-    except WeightsUnavailable as exc:
-        console.print(f"[red]plugin {plugin} is unavailable: {exc}[/red]")
-        raise typer.Exit(2) from None
     runs = []
     try:
         with input_files(path) as files, Progress(
@@ -442,6 +426,161 @@ def plugins(as_json: Annotated[bool, typer.Option("--json", help="print JSON")] 
         table.add_row(r["name"], r["version"] or "", r["queue"] or "", ",".join(r["modalities"]),
                       "available" if r["available"] else f"unavailable: {r['reason']}")
     _wide_console().print(table)
+
+
+@models_app.command("check")
+def models_check(as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+    """Per plugin: the files it expects under <models dir>/<plugin>/ (weights, heads, ONNX), whether each
+    is there (size, SHA-256), the configuration in force and whether the plugin can run. Exit 1 if any
+    plugin is unavailable or broken."""
+    from plugins.base import WeightsUnavailable
+    from plugins.registry import discover, sha256_file, unavailable_reason
+
+    s = settings()
+    found = discover()
+    rows = []
+    for m in sorted(found.manifests.values(), key=lambda m: m.name):
+        folder = s.models_path / m.name
+        row: dict = {"plugin": m.name, "version": m.version, "folder": str(folder), "files": [], "config": None,
+                     "config_file": (folder / "config.json").is_file(), "error": None}
+        try:
+            config = m.config_in(folder)
+            row["config"] = config
+        except WeightsUnavailable as exc:
+            config, row["error"] = m.config, str(exc)
+        for role, path in m.files(folder, config):
+            entry = {"role": role, "path": str(path), "present": path.is_file(), "bytes": None, "sha256": None}
+            if entry["present"]:
+                entry["bytes"], entry["sha256"] = path.stat().st_size, sha256_file(path)
+            row["files"].append(entry)
+        row["available"] = unavailable_reason(m, s.models_path) is None
+        rows.append(row)
+    rows += [{"plugin": n, "version": None, "folder": None, "files": [], "config": None, "config_file": False,
+              "error": e, "available": False} for n, e in sorted(found.errors.items())]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        out = _wide_console()
+        for r in rows:
+            state = "[green]ready[/green]" if r["available"] else "[red]unavailable[/red]"
+            out.print(f"[bold]{r['plugin']}[/bold] {r['version'] or ''} {state}  {escape(r['folder'] or '')}")
+            if r["error"]:
+                out.print(f"  [red]{escape(r['error'])}[/red]")
+            if not r["files"] and not r["error"]:
+                out.print("  needs no model files")
+            for f in r["files"]:
+                found_text = (f"found, {f['bytes']} bytes, sha256 {f['sha256'][:16]}..." if f["present"]
+                              else "[red]missing[/red]")
+                out.print(f"  {f['role']}: {escape(Path(f['path']).name)}: {found_text}")
+            if r["config_file"]:
+                out.print("  config.json overrides the manifest's configuration")
+    if not all(r["available"] for r in rows):
+        raise typer.Exit(1)
+
+
+def _loaded_plugin(name: str):
+    """(settings, manifest, loaded plugin, weights SHA-256) for the CLI tools; exits 2 with the reason
+    when it cannot be loaded."""
+    from node.inference import load_plugin
+    from plugins.base import WeightsUnavailable
+    from plugins.registry import unavailable_reason
+
+    s = settings()
+    manifest = _manifest(name)
+    why = unavailable_reason(manifest, s.models_path)
+    if why:
+        console.print(f"[red]plugin {name} is unavailable: {escape(why)}[/red]")
+        raise typer.Exit(2)
+    try:
+        plugin, sha = load_plugin(manifest, s)
+    except WeightsUnavailable as exc:
+        console.print(f"[red]plugin {name} is unavailable: {escape(str(exc))}[/red]")
+        raise typer.Exit(2) from None
+    return s, manifest, plugin, sha
+
+
+@app.command("export-onnx")
+def export_onnx(
+    plugin: Annotated[str, typer.Argument(help="plugin name")],
+    out: Annotated[Path | None, typer.Option(help="ONNX file (default <models dir>/<plugin>/model.onnx)")] = None,
+) -> None:
+    """Export a plugin's model to ONNX (for `backend: onnx` in its config.json) and print how far the
+    ONNX Runtime outputs are from torch's on a sample input."""
+    from plugins.base import ONNX_FILE, WeightsUnavailable
+
+    s = settings()
+    manifest = _manifest(plugin)
+    try:
+        backend = manifest.config_in(s.models_path / plugin).get("backend", "torch")
+    except WeightsUnavailable as exc:
+        console.print(f"[red]{escape(str(exc))}[/red]")
+        raise typer.Exit(2) from None
+    if backend != "torch":
+        console.print(f"[red]plugin {plugin} runs with backend {backend!r} (config.json): set it to \"torch\" to "
+                      "export from the torch weights[/red]")
+        raise typer.Exit(2)
+    s, manifest, loaded, _ = _loaded_plugin(plugin)
+    target = out or s.models_path / plugin / ONNX_FILE
+    try:
+        report = loaded.export_onnx(target)
+    except NotImplementedError as exc:
+        console.print(f"[red]{escape(str(exc))}[/red]")
+        raise typer.Exit(2) from None
+    print(f"wrote {target}; max abs difference torch vs ONNX Runtime: {report['max_abs_diff']:.3g}")
+    print(f'set "backend": "onnx" in {s.models_path / plugin / "config.json"} to run it with ONNX Runtime')
+
+
+def _manifest(name: str):
+    from plugins.registry import discover
+
+    discovery = discover()
+    manifest = discovery.manifests.get(name)
+    if manifest is None:
+        why = discovery.errors.get(name) or f"not installed (installed: {', '.join(sorted(discovery.manifests))})"
+        console.print(f"[red]plugin {name}: {escape(why)}[/red]")
+        raise typer.Exit(2)
+    return manifest
+
+
+@app.command()
+def evaluate(
+    path: Annotated[Path, typer.Argument(help="folder of cases: one sub-folder or DICOM file per case")],
+    plugin: Annotated[str, typer.Option("--plugin", help="a classification plugin")],
+    labels: Annotated[Path, typer.Option("--labels", help="CSV with columns id,label")],
+    finding: Annotated[str | None, typer.Option(help="code value of the finding (default: the first)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON (metrics and every case)")] = False,
+) -> None:
+    """Accuracy, precision, recall, F1 and AUROC of a plugin's classification against labels."""
+    from node.evaluate import EvaluateError, read_labels
+    from node.evaluate import evaluate as run_evaluation
+
+    _, manifest, loaded, _ = _loaded_plugin(plugin)
+    classes = list(manifest.config.get("classes") or [])
+    try:
+        truth = read_labels(labels, negative=classes[:1] if len(classes) == 2 else (),
+                            positive=classes[-1:] if len(classes) == 2 else ())
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=console, disable=as_json) as progress:
+            task = progress.add_task("cases", total=len(truth))
+            result = run_evaluation(loaded, manifest, path, truth, finding, progress=lambda _: progress.advance(task))
+    except EvaluateError as exc:
+        console.print(f"[red]{escape(str(exc))}[/red]")
+        raise typer.Exit(1) from None
+    m = result.metrics
+    if as_json:
+        print(json.dumps({"finding": result.finding, **m.to_json(), "cases": result.cases}, indent=2))
+        return
+    out = _wide_console()
+    out.print(f"[bold]{escape(result.finding)}[/bold]: {m.n} case(s) scored "
+              f"(TP {m.tp}, FP {m.fp}, TN {m.tn}, FN {m.fn})")
+    table = Table("metric", "value", box=None)
+    for name, value in (("accuracy", m.accuracy), ("precision", m.precision), ("recall", m.recall), ("F1", m.f1),
+                        ("AUROC", m.auroc)):
+        table.add_row(name, "n/a" if value is None or value != value else f"{value:.3f}")
+    out.print(table)
+    for case in result.cases:
+        if case["error"]:
+            out.print(f"[yellow]{escape(case['id'])}: left out: {escape(case['error'])}[/yellow]")
 
 
 def _host_port(value: str) -> tuple[str, int]:

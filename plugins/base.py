@@ -20,6 +20,8 @@ SUPPORTED_API_VERSIONS = frozenset({1})
 QUEUES = ("gpu", "cpu")
 OUTPUT_KINDS = ("SR", "SEG", "SC")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+CONFIG_FILE = "config.json"  # in <models dir>/<plugin>/: overrides keys of the manifest's config
+ONNX_FILE = "model.onnx"  # in <models dir>/<plugin>/: the exported model for backend "onnx"
 
 
 class _Model(BaseModel):
@@ -71,6 +73,40 @@ class Manifest(_Model):
         default_factory=dict,
         description="architecture and preprocessing as JSON values; <models dir>/<name>/config.json overrides keys",
     )
+
+    def config_in(self, folder: Path | None) -> dict[str, Any]:
+        """`config` with the keys of `<folder>/config.json` (the plugin's models folder) replacing it.
+
+        Raises WeightsUnavailable when that file is not a JSON object or names keys `config` lacks."""
+        import json
+
+        config = dict(self.config)
+        path = folder / CONFIG_FILE if folder is not None else None
+        if path is None or not path.is_file():
+            return config
+        try:
+            override = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise WeightsUnavailable(f"{path}: not readable JSON ({exc})") from exc
+        if not isinstance(override, dict):
+            raise WeightsUnavailable(f"{path}: must be a JSON object of configuration keys")
+        unknown = sorted(set(override) - set(config))
+        if unknown:
+            known = ", ".join(sorted(config))
+            raise WeightsUnavailable(f"{path}: unknown key(s) {', '.join(unknown)} (known: {known})")
+        config.update(override)
+        return config
+
+    def files(self, folder: Path, config: dict[str, Any] | None = None) -> list[tuple[str, Path]]:
+        """(role, path) of every file the plugin needs in its models folder: the weights, each config
+        value of a key ending in "_file" (e.g. heads_file), and model.onnx with backend "onnx"."""
+        config = self.config if config is None else config
+        out = [("weights", folder / self.weights)] if self.weights else []
+        out += [(key.removesuffix("_file"), folder / str(value)) for key, value in sorted(config.items())
+                if key.endswith("_file") and value]
+        if config.get("backend") == "onnx":
+            out.append(("onnx", folder / ONNX_FILE))
+        return out
 
     @field_validator("name")
     @classmethod

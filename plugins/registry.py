@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from plugins.base import Manifest, Plugin
+from plugins.base import Manifest, Plugin, WeightsUnavailable
 
 ENTRY_POINT_GROUP = "radnode.plugins"
 log = logging.getLogger("radnode.plugins")
@@ -64,10 +64,15 @@ def weights_path(manifest: Manifest, models_path: Path) -> Path | None:
 
 
 def unavailable_reason(manifest: Manifest, models_path: Path) -> str | None:
-    """Why the plugin cannot run here (its weights file is missing), or None when it can."""
-    path = weights_path(manifest, models_path)
-    if path is not None and not path.is_file():
-        return f"model unavailable: weights file {path} not found"
+    """Why the plugin cannot run here (a file it needs is missing, its config.json is bad), or None."""
+    folder = models_path / manifest.name
+    try:
+        config = manifest.config_in(folder)
+    except WeightsUnavailable as exc:
+        return f"model unavailable: {exc}"
+    for role, path in manifest.files(folder, config):
+        if not path.is_file():
+            return f"model unavailable: {role} file {path} not found"
     return None
 
 

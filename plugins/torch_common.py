@@ -4,7 +4,6 @@ and the ONNX Runtime backend. Imports torch (and onnxruntime) lazily: manifests 
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,29 +12,11 @@ import numpy as np
 
 from plugins.base import Manifest, WeightsUnavailable
 
-CONFIG_FILE = "config.json"
-
 
 def merged_config(manifest: Manifest, weights: Path | None) -> dict[str, Any]:
-    """The manifest's `config`, with the keys of `<models dir>/<plugin>/config.json` (beside the weights)
-    replacing it. Raises WeightsUnavailable when that file is not a JSON object or names unknown keys."""
-    config = dict(manifest.config)
-    if weights is None:
-        return config
-    path = weights.parent / CONFIG_FILE
-    if not path.is_file():
-        return config
-    try:
-        override = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise WeightsUnavailable(f"{path}: not readable JSON ({exc})") from exc
-    if not isinstance(override, dict):
-        raise WeightsUnavailable(f"{path}: must be a JSON object of configuration keys")
-    unknown = sorted(set(override) - set(config))
-    if unknown:
-        raise WeightsUnavailable(f"{path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(config))})")
-    config.update(override)
-    return config
+    """The manifest's `config` with `<models dir>/<plugin>/config.json` (beside the weights) applied.
+    Raises WeightsUnavailable for a bad config.json."""
+    return manifest.config_in(weights.parent if weights is not None else None)
 
 
 def torch_device(device: str) -> Any:
