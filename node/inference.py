@@ -31,12 +31,16 @@ def resolve_device(setting: str, manifest: Manifest) -> str:
 
 
 def load_plugin(manifest: Manifest, settings: Settings) -> tuple[Plugin, str | None]:
-    """Build and load a plugin with its weights; returns it and the weights' SHA-256 (None without a file).
+    """Build and load a plugin with its weights; returns it and the SHA-256 of the model file in use (the
+    weights, or model.onnx with backend "onnx"; None when it needs none).
 
     Raises WeightsUnavailable, PluginLoadError or whatever the plugin's load raises.
     """
     path = weights_path(manifest, settings.models_path)
-    sha = sha256_file(path) if path is not None and path.is_file() else None
+    folder = settings.models_path / manifest.name
+    files = manifest.files(folder, manifest.config_in(folder))  # the model file in use comes first
+    model_file = files[0][1] if files else None
+    sha = sha256_file(model_file) if model_file is not None and model_file.is_file() else None
     plugin = build(manifest)
     plugin.load(resolve_device(settings.device, manifest), path)
     return plugin, sha

@@ -98,14 +98,16 @@ class Manifest(_Model):
         return config
 
     def files(self, folder: Path, config: dict[str, Any] | None = None) -> list[tuple[str, Path]]:
-        """(role, path) of every file the plugin needs in its models folder: the weights, each config
-        value of a key ending in "_file" (e.g. heads_file), and model.onnx with backend "onnx"."""
+        """(role, path) of every file the plugin needs in its models folder: the weights (model.onnx
+        instead with backend "onnx"), then each config value of a key ending in "_file" (e.g. heads_file).
+        The first is the model file whose SHA-256 is recorded on jobs."""
         config = self.config if config is None else config
-        out = [("weights", folder / self.weights)] if self.weights else []
+        if config.get("backend") == "onnx":  # the exported model replaces the torch weights
+            out = [("onnx", folder / ONNX_FILE)]
+        else:
+            out = [("weights", folder / self.weights)] if self.weights else []
         out += [(key.removesuffix("_file"), folder / str(value)) for key, value in sorted(config.items())
                 if key.endswith("_file") and value]
-        if config.get("backend") == "onnx":
-            out.append(("onnx", folder / ONNX_FILE))
         return out
 
     @field_validator("name")

@@ -113,7 +113,10 @@ class OnnxModel:
         providers = ["CPUExecutionProvider"]
         if getattr(device, "type", "cpu") == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
-        self.session = ort.InferenceSession(str(path), providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(path), providers=providers)
+        except Exception as exc:  # onnxruntime's errors derive from Exception only
+            raise WeightsUnavailable(f"{path}: not a usable ONNX model ({type(exc).__name__}: {exc})") from exc
         self.inputs = [i.name for i in self.session.get_inputs()]
 
     def __call__(self, *arrays: np.ndarray) -> list[np.ndarray]:

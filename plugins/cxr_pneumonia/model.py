@@ -1,0 +1,355 @@
+"""cxr-pneumonia model: letterbox a chest X-ray, classify it with a timm ViT, map the attention rollout back.
+
+Pre-process (`preprocess`, numpy + Pillow, shared by both backends): the core hands over a display-ready
+grey image in [0, 1] with high = bright (Modality/VOI LUT applied, MONOCHROME1 inverted, so lungs are dark
+whatever the photometric interpretation). It is resized with its aspect ratio kept so that its longer side
+is `img_size` (Pillow bilinear, which averages over the source pixels when shrinking), centred on an
+`img_size` x `img_size` black canvas (0 = the darkest grey, like collimated film borders), copied into 3
+channels and normalised per channel with `mean` / `std`. Letterboxing never stretches the anatomy; the
+`Letterbox` records where the image lies on the canvas so that the heatmap can be mapped back.
+
+Predict: torch (the safetensors weights in a timm VisionTransformer, strict loading, CUDA autocast) or ONNX
+Runtime (`model.onnx` beside the weights, written by `export_onnx`). Both return the logits and the
+attention rollout over the patch grid.
+
+Post-process: softmax -> the PNEUMONIA probability as a Classification with the configured threshold; the
+heatmap is the attention rollout (Abnar & Zuidema 2020): per block the head-averaged attention
+probabilities plus the identity (the residual path), 0.5 each, multiplied from the first block to the last;
+the class token's row over the patch tokens says how much each patch fed the classification. The patch
+grid is interpolated bilinearly onto the original image geometry (undoing the resize and the padding; only
+patches that hold image contribute) and scaled to [0, 1] (min to max over the image). It is a relative
+map: where the model looked, not a lesion outline, and it is drawn whatever the decision.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import timm
+import torch
+from PIL import Image as PILImage
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from timm.models.vision_transformer import VisionTransformer
+
+from plugins.base import (
+    ONNX_FILE,
+    Classification,
+    Findings,
+    Heatmap,
+    Image,
+    Manifest,
+    Plugin,
+    WeightsUnavailable,
+)
+from plugins.cxr_pneumonia import HEATMAP, PNEUMONIA
+from plugins.torch_common import OnnxModel, autocast, export_onnx, load_weights, merged_config, torch_device
+
+POSITIVE_CLASS = "PNEUMONIA"
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("logits", "attention_rollout")
+
+
+class CxrConfig(BaseModel):
+    """The plugin's merged configuration (manifest `config` + config.json), validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    model_name: str = Field(min_length=1)
+    img_size: int = Field(ge=16, le=2048)
+    model_kwargs: dict[str, Any]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    threshold: float = Field(ge=0.0, le=1.0)
+    classes: tuple[str, str]
+    backend: Literal["torch", "onnx"]
+
+    @field_validator("std")
+    @classmethod
+    def _std(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(v) <= 0:
+            raise ValueError("std values must be positive")
+        return v
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, v: tuple[str, str]) -> tuple[str, str]:
+        if POSITIVE_CLASS not in v or len(set(v)) != 2:
+            raise ValueError(f"classes must be two different names, one of them {POSITIVE_CLASS}")
+        return v
+
+    @property
+    def positive(self) -> int:
+        """Index of the PNEUMONIA output."""
+        return self.classes.index(POSITIVE_CLASS)
+
+
+def read_config(config: dict[str, Any]) -> CxrConfig:
+    """Validate a merged configuration. Raises WeightsUnavailable naming the bad keys."""
+    try:
+        return CxrConfig.model_validate(config)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+        raise WeightsUnavailable(f"cxr-pneumonia configuration is not usable: {problems}") from None
+
+
+# --- pre-process -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """Where an image of `shape` (rows, cols) lies on the `size` x `size` model input: `height` x `width`
+    pixels from (`top`, `left`)."""
+
+    shape: tuple[int, int]
+    size: int
+    top: int
+    left: int
+    height: int
+    width: int
+
+
+def letterbox(pixels: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
+    """The grey image resized (aspect ratio kept, longer side = `size`) and centred on a black `size` x `size`
+    canvas: float32 in [0, 1], and where it lies. Raises ValueError for an image that is not 2-D."""
+    if pixels.ndim != 2 or min(pixels.shape) < 1:
+        raise ValueError(f"expected a 2-D grey image, got shape {pixels.shape}")
+    rows, cols = pixels.shape
+    scale = size / max(rows, cols)
+    height, width = max(1, round(rows * scale)), max(1, round(cols * scale))
+    grey = np.clip(np.nan_to_num(np.asarray(pixels, dtype=np.float32)), 0.0, 1.0)
+    resized = PILImage.fromarray(np.ascontiguousarray(grey)).resize((width, height), PILImage.Resampling.BILINEAR)
+    top, left = (size - height) // 2, (size - width) // 2
+    canvas = np.zeros((size, size), dtype=np.float32)
+    canvas[top : top + height, left : left + width] = np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+    return canvas, Letterbox((rows, cols), size, top, left, height, width)
+
+
+def normalise(canvas: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """A grey (S, S) canvas as the model input: (1, 3, S, S) float32, (grey - mean[c]) / std[c]."""
+    m = np.asarray(mean, dtype=np.float32)[:, None, None]
+    s = np.asarray(std, dtype=np.float32)[:, None, None]
+    return ((canvas[None, :, :] - m) / s)[None].astype(np.float32)
+
+
+def preprocess(pixels: np.ndarray, config: CxrConfig) -> tuple[np.ndarray, Letterbox]:
+    """The model input (1, 3, img_size, img_size) for a display-ready grey X-ray, and its letterbox.
+    Raises ValueError for an image that is not 2-D."""
+    canvas, box = letterbox(pixels, config.img_size)
+    return normalise(canvas, config.mean, config.std), box
+
+
+# --- predict -------------------------------------------------------------------------------------------------
+
+
+def create_model(config: CxrConfig) -> VisionTransformer:
+    """The configured timm VisionTransformer with random weights (pretrained=False: nothing is downloaded).
+    Raises WeightsUnavailable when timm cannot build it or it is not a ViT with a class token."""
+    try:
+        model = timm.create_model(config.model_name, pretrained=False, num_classes=len(config.classes),
+                                  img_size=config.img_size, **config.model_kwargs)
+    except (RuntimeError, TypeError, ValueError, AssertionError) as exc:
+        raise WeightsUnavailable(f"timm cannot build {config.model_name} with {config.model_kwargs}: {exc}") from None
+    attention = all(hasattr(b, "attn") and hasattr(b.attn, "attn_drop") and hasattr(b.attn, "fused_attn")
+                    for b in getattr(model, "blocks", []))
+    if not isinstance(model, VisionTransformer) or model.cls_token is None or not attention:
+        raise WeightsUnavailable(f"{config.model_name} is not a timm VisionTransformer with a class token and "
+                                 "standard attention blocks: the attention rollout needs one")
+    patch = tuple(model.patch_embed.patch_size)
+    if config.img_size % patch[0] or config.img_size % patch[1]:
+        raise WeightsUnavailable(f"img_size {config.img_size} is not a multiple of {config.model_name}'s patch size "
+                                 f"{patch}: the patch grid would not cover the input")
+    return model
+
+
+def attention_rollout(maps: list[torch.Tensor], prefix: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Attention rollout (B, grid rows, grid cols) from each block's attention probabilities (B, heads, N, N):
+    the class token's row of prod_l (0.5 A_l + 0.5 I) over the patch tokens (rows stay stochastic)."""
+    eye = torch.eye(maps[0].shape[-1], dtype=torch.float32, device=maps[0].device)
+    result = None
+    for attn in maps:
+        step = 0.5 * attn.float().mean(dim=1) + 0.5 * eye
+        result = step if result is None else step @ result
+    return result[:, 0, prefix:].unflatten(-1, tuple(grid))
+
+
+class RolloutViT(torch.nn.Module):
+    """A timm VisionTransformer that returns (logits, attention rollout over its patch grid).
+
+    The blocks use timm's explicit softmax attention (not the fused kernel) so that forward hooks on the
+    attention dropout (an identity in eval mode) see the attention probabilities; this traces into ONNX.
+    One call at a time per instance (the hooks collect into the instance), as a worker process runs jobs."""
+
+    def __init__(self, vit: VisionTransformer) -> None:
+        super().__init__()
+        self.vit = vit
+        self._maps: list[torch.Tensor] = []
+        for block in vit.blocks:
+            block.attn.fused_attn = False
+            block.attn.attn_drop.register_forward_hook(self._keep)
+
+    def _keep(self, module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        self._maps.append(output)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._maps.clear()
+        logits = self.vit(x)
+        maps, self._maps = self._maps, []
+        return logits, attention_rollout(maps, self.vit.num_prefix_tokens, tuple(self.vit.patch_embed.grid_size))
+
+
+# --- post-process ----------------------------------------------------------------------------------------
+
+
+def _axis_weights(n_out: int, start: int, extent: int, size: int, n_grid: int) -> np.ndarray:
+    """(n_out, n_grid) bilinear weights: output pixel k's centre lies at start + (k + 0.5) * extent / n_out on
+    the model input, whose `size` pixels hold `n_grid` patches; only patches overlapping the image are used."""
+    patch = size / n_grid
+    centres = start + (np.arange(n_out) + 0.5) * (extent / n_out)
+    first = min(n_grid - 1, int(start // patch))
+    last = max(first, min(n_grid - 1, math.ceil((start + extent) / patch) - 1))
+    g = np.clip(centres / patch - 0.5, first, last)
+    i0 = np.minimum(np.floor(g).astype(np.int64), last)
+    i1 = np.minimum(i0 + 1, last)
+    frac = g - i0
+    weights = np.zeros((n_out, n_grid), dtype=np.float64)
+    k = np.arange(n_out)
+    np.add.at(weights, (k, i0), 1.0 - frac)
+    np.add.at(weights, (k, i1), frac)
+    return weights
+
+
+def heatmap_to_image(grid: np.ndarray, box: Letterbox) -> np.ndarray:
+    """A patch-grid map (grid rows, grid cols) over the model input as a float32 map of the original image's
+    shape in [0, 1]: bilinear interpolation from the patch centres (resize and padding undone), then min-max
+    scaled (all zero when the map is flat). Raises ValueError for a map that is not 2-D."""
+    if grid.ndim != 2:
+        raise ValueError(f"expected a 2-D patch grid, got shape {grid.shape}")
+    rows, cols = box.shape
+    wy = _axis_weights(rows, box.top, box.height, box.size, grid.shape[0])
+    wx = _axis_weights(cols, box.left, box.width, box.size, grid.shape[1])
+    heat = wy @ np.asarray(grid, dtype=np.float64) @ wx.T
+    low, high = float(heat.min()), float(heat.max())
+    if not np.isfinite(high - low) or high - low <= 1e-9 * max(1.0, abs(high)):
+        return np.zeros(box.shape, dtype=np.float32)
+    return ((heat - low) / (high - low)).astype(np.float32)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64)
+    z = np.exp(z - z.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+# --- the plugin ----------------------------------------------------------------------------------------------
+
+
+class CxrPneumonia(Plugin):
+    """NORMAL vs PNEUMONIA on a frontal chest X-ray: the PNEUMONIA probability and an attention heatmap."""
+
+    config: CxrConfig
+    device: torch.device
+    _torch: RolloutViT | None = None
+    _onnx: OnnxModel | None = None
+    _onnx_rollout: bool = False
+
+    def load(self, device: str, weights: Path | None) -> None:
+        """Build the configured ViT and load `weights` strictly (backend torch), or open `model.onnx` beside
+        them (backend onnx). Raises WeightsUnavailable: a missing or unreadable file, weights of another
+        architecture, an ONNX model of another input size or class count, a bad config.json."""
+        self.config = read_config(merged_config(self.manifest, weights))
+        self.device = torch_device(device)
+        self._torch = self._onnx = None
+        if weights is None:
+            raise WeightsUnavailable("cxr-pneumonia needs its weights folder")
+        if self.config.backend == "onnx":
+            self._onnx, self._onnx_rollout = self._open_onnx(weights.parent / ONNX_FILE)
+            return
+        if not weights.is_file():  # before building the model: a ViT-B takes seconds to initialise
+            raise WeightsUnavailable(f"weights file {weights} not found")
+        model = load_weights(create_model(self.config), weights)
+        self._torch = RolloutViT(model).to(self.device).eval()
+
+    def _open_onnx(self, path: Path) -> tuple[OnnxModel, bool]:
+        """The ONNX session and whether it has the attention-rollout output. Raises WeightsUnavailable."""
+        try:
+            onnx = OnnxModel(path, self.device)
+        except WeightsUnavailable:
+            raise
+        except Exception as exc:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...) derive from Exception
+            raise WeightsUnavailable(f"{path}: not a usable ONNX model ({type(exc).__name__}: {exc})") from exc
+        inputs, outputs = onnx.session.get_inputs(), onnx.session.get_outputs()
+        size = self.config.img_size
+        if len(inputs) != 1 or [d for d in inputs[0].shape[-2:] if isinstance(d, int)] not in ([], [size, size]):
+            raise WeightsUnavailable(f"{path}: input {[(i.name, i.shape) for i in inputs]} does not take one "
+                                     f"{size} x {size} image (img_size in config.json)")
+        classes = outputs[0].shape[-1]
+        if isinstance(classes, int) and classes != len(self.config.classes):
+            raise WeightsUnavailable(f"{path}: {classes} outputs, the configuration names {len(self.config.classes)}"
+                                     " classes")
+        rollout = len(outputs) > 1 and len(outputs[1].shape) == 3
+        return onnx, rollout
+
+    def _predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits (1, classes) and the rollout grid (1, gh, gw) (None from an ONNX model without it)."""
+        if self._onnx is not None:
+            outputs = self._onnx(x)
+            return outputs[0], outputs[1] if self._onnx_rollout else None
+        with autocast(self.device):
+            logits, rollout = self._torch(torch.from_numpy(x).to(self.device))
+        return logits.float().cpu().numpy(), rollout.float().cpu().numpy()
+
+    def run(self, image: Image) -> Findings:
+        """The PNEUMONIA probability and the attention heatmap of a 2-D X-ray; not applicable to other images.
+        Raises RuntimeError when the plugin is not loaded."""
+        if self._torch is None and self._onnx is None:
+            raise RuntimeError("cxr-pneumonia is not loaded: call load() first")
+        if image.kind != "image2d":
+            return Findings.not_applicable_because(f"needs a 2-D X-ray image, got {image.kind}")
+        x, box = preprocess(image.pixels, self.config)
+        logits, rollout = self._predict(x)
+        probability = float(np.clip(softmax(logits[0])[self.config.positive], 0.0, 1.0))
+        finding = Classification(PNEUMONIA, probability, self.config.threshold)
+        if finding.positive:
+            summary = f"{POSITIVE_CLASS} (p={probability:.2f})"
+        else:
+            summary = f"{self.config.classes[1 - self.config.positive]} (p={1.0 - probability:.2f})"
+        heatmaps, warnings = [], []
+        if rollout is not None:
+            heatmaps.append(Heatmap(HEATMAP, heatmap_to_image(rollout[0], box)))
+        else:
+            warnings.append("the ONNX model has no attention output: no heatmap")
+        return Findings(classifications=[finding], heatmaps=heatmaps, warnings=warnings, summary=summary)
+
+    def export_onnx(self, path: Path) -> dict[str, Any]:
+        """Export the loaded torch model with its attention-rollout output (inputs "image" (B, 3, S, S),
+        outputs "logits" and "attention_rollout", dynamic batch) and compare ONNX Runtime with torch (float32)
+        on a sample letterboxed input. Returns max_abs_diff (logits), probability_max_abs_diff,
+        rollout_max_abs_diff and path. Raises RuntimeError when the plugin runs the ONNX backend."""
+        if self._torch is None:
+            raise RuntimeError("export_onnx needs the torch backend (backend \"torch\" in config.json)")
+        size = self.config.img_size
+        canvas, _ = letterbox(np.random.default_rng(0).random((size, size * 3 // 4), dtype=np.float32), size)
+        sample = normalise(canvas, self.config.mean, self.config.std)
+        tensor = torch.from_numpy(sample).to(self.device)
+        with warnings.catch_warnings():  # timm's shape asserts are constants for a fixed input size
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            export_onnx(self._torch, [tensor], path, [INPUT_NAME], list(OUTPUT_NAMES),
+                        {INPUT_NAME: {0: "batch"}, OUTPUT_NAMES[0]: {0: "batch"}, OUTPUT_NAMES[1]: {0: "batch"}})
+        onnx_logits, onnx_rollout = OnnxModel(path, self.device)(sample)
+        with autocast(self.device, enabled=False):
+            logits, rollout = (t.float().cpu().numpy() for t in self._torch(tensor))
+        return {
+            "max_abs_diff": float(np.max(np.abs(onnx_logits - logits))),
+            "probability_max_abs_diff": float(np.max(np.abs(softmax(onnx_logits) - softmax(logits)))),
+            "rollout_max_abs_diff": float(np.max(np.abs(onnx_rollout - rollout))),
+            "path": str(path),
+        }
+
+
+def build(manifest: Manifest) -> CxrPneumonia:
+    return CxrPneumonia(manifest)
