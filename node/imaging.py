@@ -746,17 +746,24 @@ def _load_frames(datasets: list[Dataset], modality: str, warnings: list[str]) ->
             continue
         stacks.append(frames)
         sop = (str(ds.SOPInstanceUID), str(ds.SOPClassUID))
-        sources.extend(SourceRef(sop[0], sop[1], k) for k in range(1, len(frames) + 1))
+        if "NumberOfFrames" in ds:  # a multi-frame instance (even of one frame): frames are referenced by number
+            sources.extend(SourceRef(sop[0], sop[1], k) for k in range(1, len(frames) + 1))
+        else:  # a single-frame US image: referenced as a whole (no Referenced Frame Number)
+            sources.append(SourceRef(sop[0], sop[1], None))
     if skipped:
         warnings.append(f"skipped {skipped} instance(s) whose frames differ in size or colour from the first")
     first = ordered[0]
-    spacing = _ultrasound_spacing(first)
+    pixels = np.ascontiguousarray(np.concatenate(stacks, axis=0))
+    regions = _ultrasound_regions(first)
+    spacing = _ultrasound_spacing(regions, pixels.shape[1], pixels.shape[2], warnings)
+    calibrated = spacing is not None
     if spacing is None:
         warnings.append("pixel spacing unknown")
         spacing = (1.0, 1.0)
-    pixels = np.ascontiguousarray(np.concatenate(stacks, axis=0))
     attrs = _attrs(first)
     attrs["PixelSpacing"] = list(spacing)
+    attrs["calibrated"] = calibrated
+    attrs["SequenceOfUltrasoundRegions"] = regions
     attrs["frame_count"] = int(pixels.shape[0])
     return Image(
         kind="frames",
@@ -795,16 +802,45 @@ def _to_uint8(values: np.ndarray, bits: int) -> np.ndarray:
     return np.clip(np.round(values.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
 
 
-def _ultrasound_spacing(ds: Dataset) -> tuple[float, float] | None:
-    """(y, x) mm from the first 2-D region in centimetres of SequenceOfUltrasoundRegions."""
+_REGION_KEYWORDS = (
+    "RegionSpatialFormat", "RegionDataType", "RegionLocationMinX0", "RegionLocationMinY0", "RegionLocationMaxX1",
+    "RegionLocationMaxY1", "PhysicalUnitsXDirection", "PhysicalUnitsYDirection", "PhysicalDeltaX", "PhysicalDeltaY",
+)  # fmt: skip
+
+
+def _ultrasound_regions(ds: Dataset) -> list[dict[str, Any]]:
+    """The Sequence of Ultrasound Regions as plain dicts keyed by keyword (numbers only)."""
+    out = []
     for region in ds.get("SequenceOfUltrasoundRegions") or []:
+        item = {}
+        for keyword in _REGION_KEYWORDS:
+            value = region.get(keyword)
+            if value is not None:
+                item[keyword] = float(value) if keyword.startswith("PhysicalDelta") else int(value)
+        out.append(item)
+    return out
+
+
+def _ultrasound_spacing(regions: list[dict[str, Any]], rows: int, cols: int,
+                        warnings: list[str]) -> tuple[float, float] | None:
+    """(y, x) mm from the first 2-D region in centimetres that fits the frame; a region that lies outside
+    the frame (calibration written for another matrix size) is not trusted and said so."""
+    for region in regions:
         if region.get("RegionSpatialFormat") != 1:
             continue
         if region.get("PhysicalUnitsXDirection") != 3 or region.get("PhysicalUnitsYDirection") != 3:
             continue
         dx, dy = region.get("PhysicalDeltaX"), region.get("PhysicalDeltaY")
-        if dx and dy and dx > 0 and dy > 0:
-            return float(dy) * 10.0, float(dx) * 10.0
+        if not (dx and dy and dx > 0 and dy > 0):
+            continue
+        # vendors write the last pixel or one past it: allow one pixel over the edge
+        if region.get("RegionLocationMaxX1", 0) > cols or region.get("RegionLocationMaxY1", 0) > rows:
+            warnings.append(
+                f"ultrasound calibration region ({region.get('RegionLocationMaxX1')} x "
+                f"{region.get('RegionLocationMaxY1')}) lies outside the {cols} x {rows} frame: not used"
+            )
+            continue
+        return float(dy) * 10.0, float(dx) * 10.0
     return None
 
 

@@ -302,10 +302,10 @@ def test_us_single_frame_grey_and_a_series_of_single_frames(data_root: Path) -> 
     folder = data_root / "us_samples_pydicom"
     grey = load_image([folder / "JPGLosslessP14SV1_1s_1f_8b.dcm"])
     assert grey.pixels.shape == (1, 768, 1024) and grey.pixels.dtype == np.uint8
-    assert [s.frame_number for s in grey.sources] == [1]
+    assert [s.frame_number for s in grey.sources] == [None]  # a single-frame instance: referenced whole
     series = load_image([folder / "US1_J2KI.dcm", folder / "US1_UNCR.dcm", folder / "US1_J2KR.dcm"])
     assert series.pixels.shape == (3, 480, 640, 3)
-    assert [s.frame_number for s in series.sources] == [1, 1, 1]
+    assert [s.frame_number for s in series.sources] == [None, None, None]
     assert len({s.sop_instance_uid for s in series.sources}) == 3
     assert np.array_equal(series.pixels[0], series.pixels[1])  # UNCR (1) and lossless J2KR (2) agree
     assert series.warnings == ("pixel spacing unknown",)
