@@ -583,6 +583,99 @@ def evaluate(
             out.print(f"[yellow]{escape(case['id'])}: left out: {escape(case['error'])}[/yellow]")
 
 
+@app.command()
+def embed(
+    path: Annotated[Path, typer.Argument(help="folder of studies: one sub-folder or DICOM file per X-ray")],
+    out: Annotated[Path, typer.Option("--out", help="embeddings file (.npz)")],
+    plugin: Annotated[str, typer.Option(help="the foundation-model plugin")] = "cxr-foundation",
+    batch_size: Annotated[int, typer.Option(min=1, help="images per forward pass")] = 8,
+    patches: Annotated[bool, typer.Option("--patches", help="also keep every patch token (large)")] = False,
+) -> None:
+    """Embeddings of many X-ray studies with the foundation model's backbone (no heads needed), batched,
+    for `radnode train-head`. Studies that cannot be read are listed and left out."""
+    import numpy as np
+
+    from node.evaluate import EvaluateError, cases_in
+    from node.imaging import load_image
+    from node.inference import resolve_device
+    from node.offline import group_series
+    from plugins.base import WeightsUnavailable
+    from plugins.cxr_foundation.embed import embed_paths, save_embeddings
+    from plugins.registry import build, weights_path
+
+    s = settings()
+    manifest = _manifest(plugin)
+    try:
+        loaded = build(manifest)
+        loaded.load(resolve_device(s.device, manifest), weights_path(manifest, s.models_path), heads=False)
+        cases = cases_in(path)
+    except (WeightsUnavailable, EvaluateError) as exc:
+        console.print(f"[red]{escape(str(exc))}[/red]")
+        raise typer.Exit(2 if isinstance(exc, WeightsUnavailable) else 1) from None
+    items, skipped = [], {}
+    for case, entry in cases.items():
+        series, _, _ = group_series(list(iter_files(entry)))
+        if len(series) == 1:
+            items.append((case, next(iter(series.values()))))
+        else:
+            skipped[case] = f"{len(series)} series (a study must hold exactly one X-ray series)"
+    with Progress(TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console) as progress:
+        task = progress.add_task("embed", total=len(items))
+        result = embed_paths(loaded, items, load_image, batch_size=batch_size, patches=patches,
+                             progress=lambda done, total: progress.update(task, completed=done))
+    result.failed.update(skipped)
+    save_embeddings(out, result)
+    for case, why in sorted(result.failed.items()):
+        console.print(f"[yellow]{escape(case)}: left out: {escape(why)}[/yellow]")
+    shapes = ", ".join(f"{k} {tuple(np.shape(v))}" for k, v in sorted(result.arrays.items()))
+    print(f"embedded {len(result.ids)} stud(ies) into {out} ({shapes}); {len(result.failed)} left out")
+    if not result.ids:
+        raise typer.Exit(1)
+
+
+def iter_files(entry: Path) -> list[Path]:
+    from node.scu import iter_dicom_files
+
+    return list(iter_dicom_files([entry]))
+
+
+@app.command("train-head")
+def train_head(
+    embeddings: Annotated[Path, typer.Option("--embeddings", help="file written by `radnode embed`")],
+    labels: Annotated[Path, typer.Option("--labels", help="CSV: id, then one 0/1 column per finding")],
+    out: Annotated[Path, typer.Option("--out", help="heads file to write (heads.safetensors)")],
+    seed: Annotated[int, typer.Option(help="split and initialisation seed")] = 0,
+    val_fraction: Annotated[float, typer.Option(min=0.05, max=0.9, help="validation share")] = 0.2,
+    epochs: Annotated[int, typer.Option(min=1)] = 100,
+    hidden: Annotated[int, typer.Option(min=0, help="MLP hidden units (0: linear heads)")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+) -> None:
+    """Train the foundation model's finding heads on embeddings and labels: class weighting, a stratified
+    validation split, AUROC with a bootstrap 95% CI per finding."""
+    from plugins.cxr_foundation.heads import train_heads_file
+
+    try:
+        report = train_heads_file(embeddings, labels, out, seed=seed, val_fraction=val_fraction, epochs=epochs,
+                                  hidden=hidden)
+    except (ValueError, OSError) as exc:
+        console.print(f"[red]{escape(str(exc))}[/red]")
+        raise typer.Exit(1) from None
+    if as_json:
+        print(json.dumps(report, indent=2, default=float))
+        return
+    table = Table("finding", "AUROC", "95% CI", "threshold", "sensitivity", "specificity", "note", box=None)
+    for name, r in (report.get("findings") or report).items():
+        if not isinstance(r, dict) or "auroc" not in r:
+            continue
+        ci = r.get("auroc_ci95") or (None, None)
+        table.add_row(escape(name), f"{r['auroc']:.3f}", f"{ci[0]:.3f}-{ci[1]:.3f}" if ci[0] is not None else "-",
+                      f"{r.get('threshold', 0):.3f}", f"{r.get('sensitivity', 0):.3f}",
+                      f"{r.get('specificity', 0):.3f}", escape(r.get("warning") or ""))
+    _wide_console().print(table)
+    print(f"wrote {out}")
+
+
 def _host_port(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit():

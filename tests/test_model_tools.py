@@ -127,3 +127,38 @@ def test_export_onnx_refusals(tmp_path: Path):
     assert done.returncode == 2 and "not installed" in done.stderr
     done = cli(tmp_path, "export-onnx", "lung-quant")
     assert done.returncode == 2 and "has no ONNX export" in done.stderr
+
+
+def test_embed_then_train_head_through_the_cli(tmp_path: Path, cases):
+    """The foundation-model workflow with a tiny generated backbone: embed a folder of studies, train heads
+    on labels, and the heads file loads into the plugin."""
+    from tests.test_cxr_foundation import loaded, write_models
+
+    root, _ = cases
+    models = tmp_path / "models"
+    backbone = write_models(models / "cxr-foundation")
+    (models / "cxr-foundation" / "heads.safetensors").unlink()  # embedding needs no heads
+    (root / "junk.dcm").write_bytes(b"not dicom")
+    done = cli(tmp_path, "embed", str(root), "--out", str(tmp_path / "emb.npz"), "--batch-size", "2", models=models)
+    assert done.returncode == 0, done.stderr
+    assert "embedded 5 stud(ies)" in done.stdout and "1 left out" in done.stdout and "junk" in done.stderr
+    labels = tmp_path / "labels.csv"
+    labels.write_text("id,pleural_effusion\nuncr,1\nj2ki,0\nj2kr,1\nnih,0\nnih2,1\n")
+    out = models / "cxr-foundation" / "heads.safetensors"
+    done = cli(tmp_path, "train-head", "--embeddings", str(tmp_path / "emb.npz"), "--labels", str(labels),
+               "--out", str(out), "--val-fraction", "0.4", "--epochs", "5", "--json", models=models)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert set(report["findings"]) == {"pleural_effusion"}
+    assert 0.0 <= report["findings"]["pleural_effusion"]["auroc"] <= 1.0
+    # the heads file it wrote loads with the backbone it was trained on, once the config names its findings
+    config = models / "cxr-foundation" / "config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"findings": ["pleural_effusion"]}))
+    plugin = loaded(backbone)
+    assert [c.concept.meaning for c in plugin.run(load_image([next(root.glob("uncr.dcm"))])).classifications] == [
+        "Pleural effusion"]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,pleural_effusion\nuncr,2\n")
+    done = cli(tmp_path, "train-head", "--embeddings", str(tmp_path / "emb.npz"), "--labels", str(bad),
+               "--out", str(tmp_path / "h.safetensors"), models=models)
+    assert done.returncode == 1 and "line 2" in done.stderr
