@@ -19,6 +19,7 @@ centred on the origin. The right lung (at -x) is the larger. Nothing here is pat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,14 +136,13 @@ def write_chest_phantom(
     series_uid = series_uid or generate_uid()
     frame_uid = generate_uid()
     orientation = (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0) if mirrored else (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+    header = SliceHeader(study_uid, series_uid, frame_uid, "CT CHEST PHANTOM", "CHEST PHANTOM", body_part="CHEST",
+                         slice_thickness=spacing, kernel=kernel, spacing_between_slices=spacing)
     paths = []
     for k in range(n):
         position = (float(xs[0]), float(centres[0]), float(z[k]))
         number = n - k if mirrored else k + 1  # InstanceNumber from head to feet when mirrored
-        paths.append(
-            _write(folder, stored[k], position, orientation, ps, spacing, number, kernel,
-                   (study_uid, series_uid, frame_uid))
-        )
+        paths.append(write_ct_slice(folder, stored[k], position, orientation, ps, number, header))
     return Phantom(paths, study_uid, series_uid, (spacing, ps, ps), z, labels, written, right, left, total)
 
 
@@ -277,9 +277,31 @@ def _truth(hu: np.ndarray, lung: np.ndarray, emphysema: np.ndarray, spacing: flo
     )
 
 
-def _write(folder: Path, stored: np.ndarray, position: tuple[float, float, float], orientation: tuple[float, ...],
-           ps: float, spacing: float, number: int, kernel: str, uids: tuple[str, str, str]) -> Path:
-    study_uid, series_uid, frame_uid = uids
+@dataclass(frozen=True)
+class SliceHeader:
+    """What a synthetic CT slice says about itself besides its pixels and geometry."""
+
+    study_uid: str
+    series_uid: str
+    frame_uid: str
+    study_description: str
+    series_description: str
+    body_part: str | None = None  # BodyPartExamined; None: absent (Laterality then empty, Type 2C)
+    slice_thickness: float = 2.5
+    kernel: str = "STANDARD"
+    gantry_tilt: float = 0.0
+    series_number: int = 1
+    model_name: str = "synthetic chest phantom"
+    window: tuple[str, str] = ("-600", "1500")  # WindowCenter, WindowWidth
+    spacing_between_slices: float | None = None
+
+
+def write_ct_slice(folder: Path, stored: np.ndarray, position: Sequence[float], orientation: Sequence[float],
+                   pixel_spacing: float, number: int, header: SliceHeader,
+                   image_type: Sequence[str] = ("ORIGINAL", "PRIMARY", "AXIAL")) -> Path:
+    """Write one CT slice (stored values = HU - INTERCEPT, uint16 12 bits) named by a new SOP Instance UID.
+
+    No patient data: PatientName "Phantom^Synthetic", PatientID "PHANTOM"."""
     sop_uid = generate_uid()
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
@@ -289,7 +311,7 @@ def _write(folder: Path, stored: np.ndarray, position: tuple[float, float, float
     ds = Dataset()
     ds.file_meta = meta
     ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.ImageType = list(image_type)
     ds.SOPClassUID = CTImageStorage
     ds.SOPInstanceUID = sop_uid
     ds.StudyDate = "20240101"
@@ -297,46 +319,50 @@ def _write(folder: Path, stored: np.ndarray, position: tuple[float, float, float
     ds.AccessionNumber = ""
     ds.Modality = "CT"
     ds.Manufacturer = "radnode"
-    ds.ManufacturerModelName = "synthetic chest phantom"
+    ds.ManufacturerModelName = header.model_name
     ds.ReferringPhysicianName = ""
-    ds.StudyDescription = "CT CHEST PHANTOM"
-    ds.SeriesDescription = "CHEST PHANTOM"
+    ds.StudyDescription = header.study_description
+    ds.SeriesDescription = header.series_description
     ds.PatientName = "Phantom^Synthetic"
     ds.PatientID = "PHANTOM"
     ds.PatientBirthDate = ""
     ds.PatientSex = "O"
-    ds.BodyPartExamined = "CHEST"
-    ds.SliceThickness = f"{spacing:g}"
-    ds.SpacingBetweenSlices = f"{spacing:g}"
+    if header.body_part:
+        ds.BodyPartExamined = header.body_part
+    ds.SliceThickness = f"{header.slice_thickness:g}"
+    if header.spacing_between_slices is not None:
+        ds.SpacingBetweenSlices = f"{header.spacing_between_slices:g}"
     ds.KVP = "120"
-    ds.ConvolutionKernel = kernel
-    ds.GantryDetectorTilt = "0"
+    ds.ConvolutionKernel = header.kernel
+    ds.GantryDetectorTilt = f"{header.gantry_tilt:g}"
     ds.PatientPosition = "HFS"
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
+    ds.StudyInstanceUID = header.study_uid
+    ds.SeriesInstanceUID = header.series_uid
     ds.StudyID = "1"
-    ds.SeriesNumber = 1
+    ds.SeriesNumber = header.series_number
+    if not header.body_part:  # Type 2C: needed (empty = unknown) unless the body part is known unpaired
+        ds.Laterality = ""
     ds.AcquisitionNumber = 1
     ds.InstanceNumber = number
     ds.ImagePositionPatient = [f"{v:.4f}" for v in position]
     ds.ImageOrientationPatient = [f"{v:g}" for v in orientation]
-    ds.FrameOfReferenceUID = frame_uid
+    ds.FrameOfReferenceUID = header.frame_uid
     ds.PositionReferenceIndicator = ""
     ds.SliceLocation = f"{position[2]:.4f}"
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows, ds.Columns = stored.shape
-    ds.PixelSpacing = [f"{ps:.6g}", f"{ps:.6g}"]
+    ds.PixelSpacing = [f"{pixel_spacing:.6g}", f"{pixel_spacing:.6g}"]
     ds.BitsAllocated = 16
     ds.BitsStored = 12
     ds.HighBit = 11
     ds.PixelRepresentation = 0
-    ds.WindowCenter = "-600"
-    ds.WindowWidth = "1500"
+    ds.WindowCenter, ds.WindowWidth = header.window
     ds.RescaleIntercept = f"{INTERCEPT:g}"
     ds.RescaleSlope = "1"
-    ds.RescaleType = "HU"
-    ds.PixelData = stored.tobytes()
+    if "LOCALIZER" not in image_type:  # a localizer is a projection: its values are not HU
+        ds.RescaleType = "HU"
+    ds.PixelData = np.asarray(stored, dtype="<u2").tobytes()
     path = folder / f"{sop_uid}.dcm"
     ds.save_as(path, enforce_file_format=True)
     return path

@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
+
+from node.phantom import INTERCEPT, SliceHeader, write_ct_slice
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 SAGITTAL = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
 CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
-INTERCEPT = -1024.0  # stored value = HU + 1024 (uint16, 12 bits), as many scanners write it
 
 DEFAULT_FOV_MM = {"chest": 400.0, "head": 250.0}
 DEFAULT_DESCRIPTIONS = {
@@ -164,66 +164,11 @@ def _write(
     image_type: tuple[str, ...],
     context: dict,
 ) -> Path:
-    sop_uid = generate_uid()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.ImageType = list(image_type)
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = sop_uid
-    ds.StudyDate = "20240101"
-    ds.StudyTime = "120000"
-    ds.AccessionNumber = ""
-    ds.Modality = "CT"
-    ds.Manufacturer = "radnode"
-    ds.ManufacturerModelName = "synthetic phantom"
-    ds.ReferringPhysicianName = ""
-    ds.StudyDescription = context["study_description"]
-    ds.SeriesDescription = context["series_description"]
-    ds.PatientName = "Phantom^Synthetic"
-    ds.PatientID = "PHANTOM"
-    ds.PatientBirthDate = ""
-    ds.PatientSex = "O"
-    if context["body_part"]:
-        ds.BodyPartExamined = context["body_part"]
-    ds.SliceThickness = f"{context['spacing']:g}"
-    ds.KVP = "120"
-    ds.ConvolutionKernel = "STANDARD"
-    ds.GantryDetectorTilt = f"{context['gantry_tilt']:g}"
-    ds.PatientPosition = "HFS"
-    ds.StudyInstanceUID = context["study_uid"]
-    ds.SeriesInstanceUID = context["series_uid"]
-    ds.StudyID = "1"
-    ds.SeriesNumber = context["series_number"]
-    if not context["body_part"]:  # Type 2C: needed (empty = unknown) unless the body part is known unpaired
-        ds.Laterality = ""
-    ds.AcquisitionNumber = 1
-    ds.InstanceNumber = number
-    ds.ImagePositionPatient = [f"{v:.4f}" for v in position]
-    ds.ImageOrientationPatient = [f"{v:g}" for v in orientation]
-    ds.FrameOfReferenceUID = context["frame_uid"]
-    ds.PositionReferenceIndicator = ""
-    ds.SliceLocation = f"{position[2]:.4f}"
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = hu.shape
-    ds.PixelSpacing = [f"{ps:.6g}", f"{ps:.6g}"]
-    ds.BitsAllocated = 16
-    ds.BitsStored = 12
-    ds.HighBit = 11
-    ds.PixelRepresentation = 0
-    ds.WindowCenter = "40"
-    ds.WindowWidth = "400"
-    ds.RescaleIntercept = f"{INTERCEPT:g}"
-    ds.RescaleSlope = "1"
-    if "LOCALIZER" not in image_type:  # a localizer is a projection: its values are not HU
-        ds.RescaleType = "HU"
-    ds.PixelData = np.clip(np.round(hu - INTERCEPT), 0, 4095).astype("<u2").tobytes()
-    path = folder / f"{sop_uid}.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    header = SliceHeader(
+        context["study_uid"], context["series_uid"], context["frame_uid"], context["study_description"],
+        context["series_description"], body_part=context["body_part"], slice_thickness=context["spacing"],
+        gantry_tilt=context["gantry_tilt"], series_number=context["series_number"], model_name="synthetic phantom",
+        window=("40", "400"),
+    )
+    stored = np.clip(np.round(hu - INTERCEPT), 0, 4095)
+    return write_ct_slice(folder, stored, position, orientation, ps, number, header, image_type)
