@@ -28,10 +28,10 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
-from scipy import ndimage
 
 from node.logs import uid_hash
 from plugins.base import Image, SourceRef
+from plugins.lungs import internal_air
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +69,10 @@ SPACING_TOLERANCE = 0.10  # non-gap steps further than 10 % from the median are 
 SHEAR_TOLERANCE_DEG = 0.5  # slice offsets this far off the normal (and >= 0.5 mm in-plane) = tilt
 SHEAR_TOLERANCE_MM = 0.5
 
-# Lung check. A body is HU > -500; air is HU < -400 (lung parenchyma is about -850 HU).
-BODY_HU = -500.0
-AIR_HU = -400.0
-MIN_AIR_COMPONENT_ML = 1.0  # smaller internal air pockets are noise or bowel/vessel partial volume
+# Lung check (plugins/lungs.py). A body is HU > -500; air is HU < -400 (lung parenchyma is about -850 HU).
 # Adult lungs hold 2.5-6 l of air at CT and a small child's still about 0.5 l; the whole air inside a
-# head (paranasal sinuses, mastoids, nasal cavity, pharynx) stays well below 150 ml. 300 ml separates
-# the two with margin on both sides, and a chest scan that covers only part of the lungs passes.
-LUNG_MIN_ML = 300.0
+# head (paranasal sinuses, mastoids, nasal cavity, pharynx) stays well below 150 ml. LUNG_MIN_ML = 300 ml
+# separates the two with margin on both sides, and a chest scan that covers only part of the lungs passes.
 
 
 class ImageLoadError(ValueError):
@@ -849,22 +845,8 @@ def _ultrasound_spacing(regions: list[dict[str, Any]], rows: int, cols: int,
 
 def _lung_check(hu: np.ndarray, pixel_area_mm2: float, slabs_mm: np.ndarray) -> LungCheck:
     """Internal air volume of a HU stack whose slice i stands for a slab of `slabs_mm[i]` mm."""
-    air = np.zeros(hu.shape, dtype=bool)
-    for z in range(hu.shape[0]):
-        labels, count = ndimage.label(hu[z] > BODY_HU)
-        if count == 0:
-            continue
-        sizes = np.bincount(labels.ravel())
-        sizes[0] = 0
-        body = ndimage.binary_fill_holes(labels == int(np.argmax(sizes)))
-        air[z] = body & (hu[z] < AIR_HU)
-    labels, count = ndimage.label(air)
-    volume_ml = 0.0
-    if count:
-        voxel_ml = np.broadcast_to((pixel_area_mm2 * np.asarray(slabs_mm) / 1000.0)[:, None, None], hu.shape)
-        component_ml = np.asarray(ndimage.sum_labels(voxel_ml, labels, index=np.arange(1, count + 1)))
-        volume_ml = float(component_ml[component_ml >= MIN_AIR_COMPONENT_ML].sum())
-    volume_ml = round(volume_ml, 1)
-    if volume_ml >= LUNG_MIN_ML:
+    found = internal_air(hu, pixel_area_mm2 * np.asarray(slabs_mm, dtype=float) / 1000.0)
+    volume_ml = found.volume_ml
+    if found.lungs:
         return LungCheck(True, volume_ml, f"air-filled lungs found ({volume_ml:.0f} ml)")
     return LungCheck(False, volume_ml, f"no air-filled lungs inside the body ({volume_ml:.0f} ml of internal air)")

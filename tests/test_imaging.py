@@ -16,7 +16,6 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_spac
 from pydicom.uid import generate_uid
 
 from node.imaging import (
-    LUNG_MIN_ML,
     ImageLoadError,
     check_lungs,
     check_lungs_in_files,
@@ -24,6 +23,7 @@ from node.imaging import (
     quality_warnings,
 )
 from plugins.base import Image
+from plugins.lungs import LUNG_MIN_ML
 from tests.conftest import have, need
 from tests.synthetic import write_ct_series
 

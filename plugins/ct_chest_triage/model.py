@@ -37,7 +37,6 @@ from typing import Annotated, Any, Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from scipy import ndimage
 from scipy.special import expit
 from torch import nn
 from torch.nn import functional as F
@@ -55,13 +54,10 @@ from plugins.base import (
     WeightsUnavailable,
 )
 from plugins.ct_chest_triage import FINDING_KEYS, FINDINGS, MISSING_SLICES, PATHOLOGY, PATHOLOGY_KEY
+from plugins.lungs import LUNG_MIN_ML, internal_air
 from plugins.torch_common import OnnxModel, autocast, load_weights, merged_config, torch_device
 
 # Body-part check, as the router's (node.imaging.check_lungs): plugins do not import node.
-BODY_HU = -500.0  # body (soft tissue, bone) vs outside air
-AIR_HU = -400.0  # lung parenchyma and air vs soft tissue
-MIN_AIR_COMPONENT_ML = 1.0  # smaller internal air pockets are noise or bowel/vessel partial volume
-LUNG_MIN_ML = 300.0  # the air of a head stays well below it, a child's lungs well above
 MAX_AXIAL_TILT_COS = 0.7  # |slice normal . z| below this: not an axial series
 CROP_MARGIN_MM = 5.0
 AIR_VALUE_HU = -1000.0  # fill outside the image
@@ -217,25 +213,10 @@ def body_check(hu: np.ndarray, spacing: Sequence[float]) -> BodyCheck:
     if factor > 1:
         rows, cols = hu.shape[1] // 2 * 2, hu.shape[2] // 2 * 2
         hu = hu[:, :rows, :cols].reshape(len(hu), rows // 2, 2, cols // 2, 2).mean(axis=(2, 4))
-    air = np.zeros(hu.shape, dtype=bool)
-    union = np.zeros(hu.shape[1:], dtype=bool)
-    for z in range(hu.shape[0]):
-        labels, count = ndimage.label(hu[z] > BODY_HU)
-        if count == 0:
-            continue
-        sizes = np.bincount(labels.ravel())
-        sizes[0] = 0
-        body = ndimage.binary_fill_holes(labels == int(np.argmax(sizes)))
-        union |= body
-        air[z] = body & (hu[z] < AIR_HU)
-    if not union.any():
+    found = internal_air(hu, dz * dy * dx * factor * factor / 1000.0)
+    if found.body is None:
         raise NotApplicable("no body found in the image")
-    voxel_ml = dz * dy * dx * factor * factor / 1000.0
-    labels, count = ndimage.label(air)
-    air_ml = 0.0
-    if count:
-        sizes_ml = np.bincount(labels.ravel())[1:] * voxel_ml
-        air_ml = float(sizes_ml[sizes_ml >= MIN_AIR_COMPONENT_ML].sum())
+    union, air_ml = found.body, found.volume_ml
     rows_any, cols_any = np.flatnonzero(union.any(axis=1)), np.flatnonzero(union.any(axis=0))
     return BodyCheck(round(air_ml, 1), (int(rows_any[0]) * factor, (int(rows_any[-1]) + 1) * factor),
                      (int(cols_any[0]) * factor, (int(cols_any[-1]) + 1) * factor))
