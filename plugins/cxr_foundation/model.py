@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +35,7 @@ from plugins.cxr_foundation import FINDINGS
 from plugins.cxr_foundation.heads import HeadsFile, load_heads, sigmoid
 from plugins.registry import sha256_file
 from plugins.torch_common import OnnxModel, autocast, export_onnx, load_weights, merged_config, torch_device
+from plugins.xray import Letterbox, grid_to_image, letterbox, normalise
 
 OUTPUTS = ("tokens", "penultimate_tokens", "logits", "patch_logits")  # the network's (and the ONNX graph's)
 ONNX_META_KEYS = ("model_name", "img_size", "findings", "heads_sha256")  # checked when backend "onnx" loads
@@ -107,46 +107,13 @@ def read_config(manifest: Manifest, weights: Path | None) -> FoundationConfig:
 # --- preprocessing -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Letterbox:
-    """Where the resized image lies on the square model input: rows x cols at (top, left) of size x size,
-    from an original of height x width."""
-
-    height: int
-    width: int
-    rows: int
-    cols: int
-    top: int
-    left: int
-    size: int
-
-    def to_image(self, grids: np.ndarray) -> np.ndarray:
-        """(K, g, g) maps over the model input -> (K, height, width) over the original image (bilinear)."""
-        t = torch.from_numpy(np.ascontiguousarray(grids, dtype=np.float32))[None]
-        canvas = nn.functional.interpolate(t, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        content = canvas[:, :, self.top:self.top + self.rows, self.left:self.left + self.cols]
-        out = nn.functional.interpolate(content, size=(self.height, self.width), mode="bilinear", align_corners=False)
-        return out[0].numpy()
-
-
 def preprocess(pixels: np.ndarray, img_size: int, mean: tuple[float, ...], std: tuple[float, ...]
                ) -> tuple[np.ndarray, Letterbox]:
     """A display-ready 2-D image (float, [0, 1], high = bright) -> the (3, img_size, img_size) float32 model
-    input and where the image lies on it. Values outside [0, 1] are clipped, NaN becomes 0.
-    Raises ValueError for an array that is not a non-empty 2-D image."""
-    if pixels.ndim != 2 or min(pixels.shape) < 1:
-        raise ValueError(f"expected a 2-D image, got an array of shape {pixels.shape}")
-    height, width = pixels.shape
-    scale = img_size / max(height, width)
-    rows, cols = max(1, min(img_size, round(height * scale))), max(1, min(img_size, round(width * scale)))
-    image = torch.from_numpy(np.clip(np.nan_to_num(pixels.astype(np.float32)), 0.0, 1.0))[None, None]
-    resized = nn.functional.interpolate(image, size=(rows, cols), mode="bilinear", antialias=True,
-                                        align_corners=False)[0, 0].clamp(0.0, 1.0).numpy()
-    top, left = (img_size - rows) // 2, (img_size - cols) // 2
-    canvas = np.zeros((img_size, img_size), dtype=np.float32)
-    canvas[top:top + rows, left:left + cols] = resized
-    channels = [(canvas - m) / s for m, s in zip(mean, std, strict=True)]
-    return np.stack(channels).astype(np.float32), Letterbox(height, width, rows, cols, top, left, img_size)
+    input and where the image lies on it (plugins.xray: aspect kept, centred on black). Values outside
+    [0, 1] are clipped, NaN becomes 0. Raises ValueError for an array that is not a non-empty 2-D image."""
+    canvas, box = letterbox(pixels, img_size)
+    return normalise(canvas, mean, std)[0], box
 
 
 # --- the network ---------------------------------------------------------------------------------------
@@ -347,8 +314,8 @@ class CxrFoundation(Plugin):
         heatmaps = []
         if positive:
             grid = self.config.grid
-            maps = box.to_image(out["patch_logits"][0, positive].reshape(len(positive), grid, grid))
-            heatmaps = [Heatmap(classifications[k].concept.meaning, np.clip(sigmoid(m), 0.0, 1.0))
+            maps = [grid_to_image(g, box) for g in out["patch_logits"][0, positive].reshape(len(positive), grid, grid)]
+            heatmaps = [Heatmap(classifications[k].concept.meaning, np.clip(sigmoid(m), 0.0, 1.0).astype(np.float32))
                         for k, m in zip(positive, maps, strict=True)]
         return Findings(classifications=classifications, heatmaps=heatmaps, summary=_summary(classifications))
 
