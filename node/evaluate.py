@@ -15,10 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from node.imaging import ImageLoadError
 from node.inference import load_series_image, run_plugin
 from node.offline import group_series
 from node.scu import iter_dicom_files
+from plugins import metrics
 from plugins.base import Manifest, Plugin
 
 POSITIVE = {"1", "true", "yes", "positive", "pos", "abnormal"}
@@ -104,13 +107,11 @@ def read_labels(path: Path, negative: Sequence[str] = (), positive: Sequence[str
 
 
 def auroc(labels: Sequence[int], scores: Sequence[float]) -> float | None:
-    """Area under the ROC curve (Mann-Whitney U with ties counted half); None without both classes."""
-    pos = [s for y, s in zip(labels, scores, strict=True) if y == 1]
-    neg = [s for y, s in zip(labels, scores, strict=True) if y == 0]
-    if not pos or not neg:
+    """Area under the ROC curve (ties count half); None without both classes."""
+    try:
+        return metrics.auroc(np.asarray(labels), np.asarray(scores))
+    except ValueError:
         return None
-    wins = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg)
-    return wins / (len(pos) * len(neg))
 
 
 def cases_in(root: Path) -> dict[str, Path]:

@@ -34,12 +34,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 from torch import nn
 
 from plugins.base import WeightsUnavailable
 from plugins.cxr_foundation import FINDINGS
 from plugins.cxr_foundation.embed import load_embeddings, write_atomically
+from plugins.metrics import auroc, bootstrap_auroc  # noqa: F401  (part of this module's API)
 from plugins.torch_common import load_weights
 
 HEADS_FORMAT = "radnode-cxr-foundation-heads/1"
@@ -189,42 +189,6 @@ def _check_findings(findings: Sequence[str]) -> None:
 
 
 # --- metrics -------------------------------------------------------------------------------------------
-
-
-def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U; ties count half). Raises ValueError without both classes."""
-    y = np.asarray(labels).astype(bool)
-    n1 = int(y.sum())
-    n0 = len(y) - n1
-    if n1 == 0 or n0 == 0:
-        raise ValueError("AUROC needs positives and negatives")
-    ranks = rankdata(np.asarray(scores, dtype=np.float64))
-    return float((ranks[y].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
-
-
-def bootstrap_auroc(labels: np.ndarray, scores: np.ndarray, resamples: int = 1000,
-                    seed: int = 0) -> tuple[float, float]:
-    """95% CI of the AUROC: 2.5th and 97.5th percentiles over `resamples` resamples with replacement
-    (resamples lacking a class are left out). Raises ValueError without both classes."""
-    y = np.asarray(labels).astype(bool)
-    s = np.asarray(scores, dtype=np.float64)
-    auroc(y, s)  # both classes present
-    rng = np.random.default_rng(seed)
-    n = len(y)
-    values: list[np.ndarray] = []
-    chunk = max(1, 2_000_000 // n)
-    for start in range(0, resamples, chunk):
-        idx = rng.integers(0, n, size=(min(chunk, resamples - start), n))
-        yb, sb = y[idx], s[idx]
-        n1 = yb.sum(axis=1)
-        n0 = n - n1
-        ranks = rankdata(sb, axis=1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            area = ((ranks * yb).sum(axis=1) - n1 * (n1 + 1) / 2.0) / (n1 * n0)
-        values.append(area[(n1 > 0) & (n0 > 0)])
-    areas = np.concatenate(values)
-    lo, hi = np.percentile(areas, [2.5, 97.5])
-    return float(lo), float(hi)
 
 
 def youden_threshold(labels: np.ndarray, probabilities: np.ndarray) -> tuple[float, float, float]:
