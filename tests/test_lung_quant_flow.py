@@ -48,9 +48,12 @@ def test_chest_ct_to_lung_quant_to_orthanc_and_the_demo(setup, ct_dir: Path, tmp
     head = write_ct_series(tmp_path / "head", kind="head", slices=20, size=64, study_description="CT CHEST",
                            series_description="Chest")
     assert send(head, "127.0.0.1", node.port, node.ae_title, "CT1").sent == 20
-    [job] = stack.wait_jobs(lambda rows: bool(rows) and rows[0]["state"] in {"delivered", "failed", "skipped"},
-                            timeout=180)
-    assert (job["plugin"], job["rule"], job["state"]) == ("lung-quant", "chest-ct-lungs", "delivered"), job
+    rows = stack.wait_jobs(lambda rows: len(rows) == 2 and all(r["state"] in {"delivered", "failed", "skipped"}
+                                                               for r in rows), timeout=180)
+    job = next(r for r in rows if r["plugin"] == "lung-quant")
+    assert (job["rule"], job["state"]) == ("chest-ct-lungs", "delivered"), job
+    triage = next(r for r in rows if r["plugin"] == "ct-chest-triage")  # no weights here: skipped, saying why
+    assert triage["state"] == "skipped" and "model unavailable" in triage["reason"], triage
     measured = {(m["concept"]["meaning"], m["segment"]): m["value"] for m in job["findings"]["measurements"]}
     right, left = measured[("Volume", "right lung")], measured[("Volume", "left lung")]
     assert 1000 < left < right < 4000 and 2500 < measured[("Volume", None)] < 8000
@@ -72,6 +75,7 @@ def test_chest_ct_to_lung_quant_to_orthanc_and_the_demo(setup, ct_dir: Path, tmp
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     assert "lung-quant" in out and "delivered" in out and "sent to pacs: sent" in out
+    assert "ct-chest-triage 1.0.0 -> skipped (model unavailable" in out
     rows = {m.group(1): (float(m.group(2)), float(m.group(3)))
             for m in re.finditer(r"^\s*(\w+ volume)\s+(-?[\d.]+) mL\s+(-?[\d.]+) mL", out, re.M)}
     assert set(rows) == {"right volume", "left volume", "total volume"}, out

@@ -82,11 +82,16 @@ GOOD = yml(
 # --- loading ------------------------------------------------------------------------------------------
 
 
-def test_default_rules_route_chest_ct_to_lung_quant():
+def test_default_rules_route_to_the_shipped_plugins():
     from plugins.registry import discover
 
     ruleset = load_rules(None, discover().manifests)
-    assert [(r.name, r.plugins, r.destinations) for r in ruleset.rules] == [("chest-ct-lungs", ["lung-quant"], None)]
+    assert [(r.name, r.plugins, r.destinations) for r in ruleset.rules] == [
+        ("chest-ct-lungs", ["lung-quant", "ct-chest-triage"], None),
+        ("abdomen-ct-organs", ["ct-organ-seg"], None),
+        ("chest-xray", ["cxr-pneumonia", "cxr-foundation"], None),
+        ("prostate-us", ["us-prostate-seg"], None),
+    ]
     assert ruleset.rules[0].when.Modality.test_any(["CT"])
 
 
@@ -174,8 +179,11 @@ def test_reference_only_plugins_are_refused_in_the_default_rules(tmp_path: Path,
 
 
 def test_the_shipped_default_rules_route_to_no_reference_only_plugin():
-    ruleset = load_rules(None, MANIFESTS)
-    assert not any(MANIFESTS[p].reference_only for rule in ruleset.rules for p in rule.plugins)
+    from plugins.registry import discover
+
+    manifests = discover().manifests
+    ruleset = load_rules(None, manifests)
+    assert not any(manifests[p].reference_only for rule in ruleset.rules for p in rule.plugins)
 
 
 # --- every validation branch: the error and the line it names ---------------------------------------------
