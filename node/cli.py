@@ -425,8 +425,10 @@ def plugins(as_json: Annotated[bool, typer.Option("--json", help="print JSON")] 
         return
     table = Table("plugin", "version", "queue", "modalities", "status", box=None)
     for r in rows:
-        table.add_row(r["name"], r["version"] or "", r["queue"] or "", ",".join(r["modalities"]),
-                      "available" if r["available"] else f"unavailable: {r['reason']}")
+        reason = r["reason"] or ""
+        status = "available" if r["available"] else reason if reason.startswith("model unavailable") else (
+            f"unavailable: {reason}")
+        table.add_row(r["name"], r["version"] or "", r["queue"] or "", ",".join(r["modalities"]), escape(status))
     _wide_console().print(table)
 
 
