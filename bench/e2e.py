@@ -31,6 +31,7 @@ import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ingest import (  # noqa: E402  (the sibling benchmark's helpers)
@@ -148,10 +149,17 @@ def one_run(radnode: Radnode, orthanc: Orthanc, files: list[Path], study_uid: st
         time.sleep(0.1)  # finer polling steals CPU from the node on a 2-core machine
     t_sr = time.time()
     [study] = radnode.studies(study_uid)
-    [job] = json.loads(radnode.cli("jobs", "--json", "--study", study_uid))
-    if job["state"] != "delivered":  # the SR can be visible a moment before the job row says delivered
+
+    def delivered() -> list[dict[str, Any]]:  # the job that sent the SR (others may be skipped: no weights)
+        return [j for j in json.loads(radnode.cli("jobs", "--json", "--study", study_uid)) if j["state"] == "delivered"]
+
+    jobs = delivered()
+    if not jobs:  # the SR can be visible a moment before the job row says delivered
         time.sleep(0.5)
-        [job] = json.loads(radnode.cli("jobs", "--json", "--study", study_uid))
+        jobs = delivered()
+    if len(jobs) != 1:
+        raise BenchError(f"expected one delivered job for the study, found {len(jobs)}")
+    job = jobs[0]
     [delivery] = job["deliveries"]
     series = study["series"][0]
     t_ack = _t(series["last_received_at"])

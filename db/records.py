@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Select, and_, func, select, update
@@ -190,6 +190,23 @@ def complete_stable(session: Session, now: datetime, window_seconds: float) -> t
         .all()
     )
     return list(series_done), list(studies_done)
+
+
+def next_stable_at(session: Session, window_seconds: float) -> datetime | None:
+    """When the earliest receiving series becomes stable (its newest instance + the window), or None."""
+    newest = (
+        select(func.max(Instance.received_at).label("newest"))
+        .join(Series, Instance.series_id == Series.id)
+        .where(Series.state == SeriesState.RECEIVING)
+        .group_by(Series.id)
+        .subquery()
+    )
+    earliest = session.execute(select(func.min(newest.c.newest))).scalar_one_or_none()
+    if earliest is None:
+        return None
+    if earliest.tzinfo is None:  # SQLite forgets the time zone of an aggregate
+        earliest = earliest.replace(tzinfo=UTC)
+    return earliest + timedelta(seconds=window_seconds)
 
 
 def known_paths(session: Session) -> set[str]:

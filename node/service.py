@@ -208,7 +208,9 @@ class Node:
     def _pipeline(self) -> None:
         """Tracker -> router every sweep period, sweeper every heartbeat period; outages are retried."""
         next_sweep = next_purge = 0.0
-        while not self.stop.wait(self.tracker.sweep_seconds):
+        wait = self.tracker.sweep_seconds
+        while not self.stop.wait(wait):
+            wait = self.tracker.sweep_seconds
             try:
                 self.pipeline_once()
                 if time.monotonic() >= next_sweep:
@@ -217,6 +219,7 @@ class Node:
                 if time.monotonic() >= next_purge:
                     next_purge = time.monotonic() + 300
                     self.sweeper.purge_outputs()
+                wait = self.tracker.wait_seconds()
             except SQLAlchemyError:
                 log.exception("pipeline pass failed (database); retrying")
             except Exception:

@@ -6,7 +6,7 @@ import logging
 from datetime import datetime
 
 from db.models import utcnow
-from db.records import complete_stable
+from db.records import complete_stable, next_stable_at
 from node.logs import uid_hash
 
 log = logging.getLogger("radnode.tracker")
@@ -29,3 +29,13 @@ class Tracker:
         for uid in studies:
             log.info("study %s complete", uid_hash(uid))
         return series, studies
+
+    def wait_seconds(self, now: datetime | None = None) -> float:
+        """How long to sleep before the next pass: the sweep period, or less when a series becomes
+        stable sooner (so completion follows the window closely). Raises SQLAlchemyError."""
+        with self.sessionmaker() as session:
+            due = next_stable_at(session, self.stable_seconds)
+        if due is None:
+            return self.sweep_seconds
+        until = (due - (now or utcnow())).total_seconds() + 0.005
+        return min(self.sweep_seconds, max(0.005, until))

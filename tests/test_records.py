@@ -88,3 +88,21 @@ def test_reconcile_records_orphan_files(sessionmaker, ct_dir, tmp_path):
     with sessionmaker() as s:
         [study] = list_studies(s)
     assert study["series"][0]["instances"] == 3
+
+
+def test_next_stable_at_follows_the_newest_instance_of_the_earliest_series(sessionmaker):
+    from datetime import timedelta
+
+    from db.models import utcnow
+    from db.records import next_stable_at
+
+    t0 = utcnow() - timedelta(seconds=5)
+    with sessionmaker() as s:
+        assert next_stable_at(s, 30) is None
+    with sessionmaker.begin() as s:
+        record_instance(s, rec("1.2.3.1.1", series="1.2.3.1"), t0)
+        record_instance(s, rec("1.2.3.1.2", series="1.2.3.1"), t0 + timedelta(seconds=2))
+        record_instance(s, rec("1.2.3.2.1", series="1.2.3.2"), t0 + timedelta(seconds=3))
+    with sessionmaker() as s:
+        due = next_stable_at(s, 30)
+    assert abs((due - (t0 + timedelta(seconds=32))).total_seconds()) < 0.01

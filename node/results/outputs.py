@@ -6,6 +6,7 @@ import io
 import time
 import warnings
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -60,25 +61,33 @@ def _write(findings: Findings, image: Image, sources: Mapping[str, Dataset], pro
         old.unlink()  # a re-run may select other SC slices: keep only this run's objects
     kinds = set(prov.manifest.outputs)
     written: list[Path] = []
-    t = time.perf_counter()
 
-    def lap(kind: str) -> None:
-        nonlocal t
-        now = time.perf_counter()
-        timings[kind] = round(now - t, 3)
-        t = now
+    def arrays() -> list[Path]:  # numpy and zlib only (no shared DICOM datasets): safe beside the encoders
+        t0 = time.perf_counter()
+        paths = write_findings(findings, out_dir, meta)
+        timings["findings"] = round(time.perf_counter() - t0, 3)
+        return paths
 
-    seg = encode_seg(findings, image, sources, prov, source_series_uid) if "SEG" in kinds else None
-    if seg is not None:
-        written.append(_save(seg, out_dir / "SEG.dcm"))
-        lap("SEG")
-    if "SR" in kinds:
-        written.append(_save(encode_sr(findings, image, sources, prov, source_series_uid, seg=seg), out_dir / "SR.dcm"))
-        lap("SR")
-    if "SC" in kinds:
-        for i, sc in enumerate(encode_sc(findings, image, sources, prov, source_series_uid, sc_max_images)):
-            written.append(_save(sc, out_dir / f"SC-{i + 1:03d}.dcm"))
-        lap("SC")
-    written += write_findings(findings, out_dir, meta)
-    lap("findings")
-    return written
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="findings") as pool:
+        background = pool.submit(arrays)
+        t = time.perf_counter()
+
+        def lap(kind: str) -> None:
+            nonlocal t
+            now = time.perf_counter()
+            timings[kind] = round(now - t, 3)
+            t = now
+
+        seg = encode_seg(findings, image, sources, prov, source_series_uid) if "SEG" in kinds else None
+        if seg is not None:
+            written.append(_save(seg, out_dir / "SEG.dcm"))
+            lap("SEG")
+        if "SR" in kinds:
+            sr = encode_sr(findings, image, sources, prov, source_series_uid, seg=seg)
+            written.append(_save(sr, out_dir / "SR.dcm"))
+            lap("SR")
+        if "SC" in kinds:
+            for i, sc in enumerate(encode_sc(findings, image, sources, prov, source_series_uid, sc_max_images)):
+                written.append(_save(sc, out_dir / f"SC-{i + 1:03d}.dcm"))
+            lap("SC")
+        return written + background.result()
