@@ -603,6 +603,7 @@ def embed(
     from node.imaging import load_image
     from node.inference import resolve_device
     from node.offline import group_series
+    from node.scu import iter_dicom_files
     from plugins.base import WeightsUnavailable
     from plugins.cxr_foundation.embed import embed_paths, save_embeddings
     from plugins.registry import build, weights_path
@@ -618,7 +619,7 @@ def embed(
         raise typer.Exit(2 if isinstance(exc, WeightsUnavailable) else 1) from None
     items, skipped = [], {}
     for case, entry in cases.items():
-        series, _, _ = group_series(list(iter_files(entry)))
+        series, _, _ = group_series(list(iter_dicom_files([entry])))
         if len(series) == 1:
             items.append((case, next(iter(series.values()))))
         else:
@@ -636,12 +637,6 @@ def embed(
     print(f"embedded {len(result.ids)} stud(ies) into {out} ({shapes}); {len(result.failed)} left out")
     if not result.ids:
         raise typer.Exit(1)
-
-
-def iter_files(entry: Path) -> list[Path]:
-    from node.scu import iter_dicom_files
-
-    return list(iter_dicom_files([entry]))
 
 
 @app.command("train-head")
