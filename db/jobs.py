@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -275,16 +275,22 @@ def job_dict(job: Job, series_uid: str, study_uid: str) -> dict[str, Any]:
 
 
 def list_jobs(session: Session, state: str | None = None, plugin: str | None = None, study_uid: str | None = None,
-              limit: int = 200) -> list[dict[str, Any]]:
-    """Jobs newest first, optionally filtered."""
+              limit: int = 200, since: datetime | None = None, job_id: int | None = None,
+              offset: int = 0) -> list[dict[str, Any]]:
+    """Jobs newest first with their deliveries, optionally filtered (`since`: updated at or after)."""
     q = (
         select(Job, Series.series_uid, Study.study_uid)
         .join(Series, Job.series_id == Series.id)
         .join(Study, Series.study_id == Study.id)
         .order_by(Job.id.desc())
         .limit(limit)
+        .offset(offset)
     )
     conditions = []
+    if job_id is not None:
+        conditions.append(Job.id == job_id)
+    if since is not None:
+        conditions.append(Job.updated_at >= since)
     if state:
         conditions.append(Job.state == state)
     if plugin:
@@ -326,6 +332,17 @@ def series_to_route(session: Session, limit: int = 50) -> list[int]:
         session.execute(
             select(Series.id).where(Series.state == SeriesState.COMPLETE).order_by(Series.completed_at).limit(limit)
         ).scalars()
+    )
+
+
+def claim_series(session: Session, series_id: int, note: str, now: datetime) -> None:
+    """A series submitted with its own jobs (POST /v1/infer) is routed now: the tracker and router leave it
+    alone (a later instance still reopens it). A series routed already keeps its note. The caller commits."""
+    count = select(func.count(Instance.id)).where(Instance.series_id == Series.id).scalar_subquery()
+    session.execute(
+        update(Series)
+        .where(Series.id == series_id, Series.state != SeriesState.ROUTED)
+        .values(state=SeriesState.ROUTED, completed_at=now, routed_at=now, route_note=note, instance_count=count)
     )
 
 

@@ -219,3 +219,16 @@ class Delivery(Base):
         UniqueConstraint("job_id", "destination", name="uq_delivery_job_destination"),
         Index("ix_delivery_state_next", "state", "next_attempt_at"),
     )
+
+
+class Worker(Base):
+    """A worker process that is alive: it refreshes `seen_at` every heartbeat period (readiness, dashboard)."""
+
+    __tablename__ = "worker"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    queues: Mapped[list] = mapped_column(JSON)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

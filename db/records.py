@@ -219,9 +219,13 @@ def _studies_query(study_uid: str | None) -> Select:
     return q.where(Study.study_uid == study_uid) if study_uid else q
 
 
-def list_studies(session: Session, study_uid: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
-    """Studies with their series, state and live instance counts, newest first."""
-    studies = session.execute(_studies_query(study_uid).limit(limit)).scalars().all()
+def list_studies(session: Session, study_uid: str | None = None, limit: int = 200, offset: int = 0,
+                 since: datetime | None = None) -> list[dict[str, Any]]:
+    """Studies with their series, state and live instance counts, newest first (`since`: received since)."""
+    q = _studies_query(study_uid)
+    if since is not None:
+        q = q.where(Study.last_received_at >= since)
+    studies = session.execute(q.limit(limit).offset(offset)).scalars().all()
     if not studies:
         return []
     ids = [s.id for s in studies]

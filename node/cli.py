@@ -1,4 +1,4 @@
-"""Command line: `radnode run | worker | studies | jobs | plugins | echo | send | pull | watch | db upgrade`."""
+"""Command line: `radnode run | api | worker | token | studies | jobs | plugins | echo | send | pull | watch | db`."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ jobs_app = typer.Typer(help="List jobs (default) or act on one.")
 app.add_typer(jobs_app, name="jobs")
 models_app = typer.Typer(no_args_is_help=True, help="Model files: what each plugin expects and what is there.")
 app.add_typer(models_app, name="models")
+token_app = typer.Typer(no_args_is_help=True, help="Bearer tokens for the HTTP API and dashboard.")
+app.add_typer(token_app, name="token")
 console = Console(stderr=True)
 _state: dict[str, Path | None] = {"config": None}
 
@@ -69,7 +71,82 @@ def run() -> None:
     print(f"radnode {__version__} running", flush=True)
     for line in node.describe():
         print("  " + line, flush=True)
+    if s.http_port:
+        _first_token(s)
     node.serve_forever()
+
+
+def _first_token(s: Settings) -> None:
+    """On the first start without any API token, make one and show it once (only its hash is kept)."""
+    from node.api.auth import new_token, saved_tokens, tokens_path
+
+    try:
+        if s.api_tokens or saved_tokens(s):
+            return
+        token, _ = new_token(s, "admin")
+    except (ValueError, OSError) as exc:
+        console.print(f"[red]API tokens: {exc}[/red]")
+        return
+    print(f"  API token 'admin' (shown once; its hash is in {tokens_path(s)}): {token}", flush=True)
+    print("  open the dashboard and sign in with it; `radnode token new NAME` makes more", flush=True)
+
+
+@app.command()
+def api() -> None:
+    """Run only the HTTP service (REST API, STOW-RS, dashboard, metrics) against the configured database."""
+    from node.api.app import serve
+
+    s = settings()
+    _setup_logging(s)
+    open_db()  # exits 1 when the database is unusable or not migrated
+    if not s.http_port:
+        console.print("[red]http_port is 0: the HTTP service is switched off[/red]")
+        raise typer.Exit(2)
+    print(f"radnode {__version__} HTTP service on {'https' if s.http_tls_cert else 'http'}://{s.dicom_host}:"
+          f"{s.http_port}/", flush=True)
+    try:
+        serve(s)
+    except OSError as exc:
+        console.print(f"[red]cannot listen on port {s.http_port}: {exc}[/red]")
+        raise typer.Exit(1) from None
+
+
+@token_app.command("new")
+def token_new(
+    name: Annotated[str, typer.Argument(help="who uses it, e.g. pacs-admin or prometheus")],
+    read_only: Annotated[bool, typer.Option("--read-only", help="may read, not change state")] = False,
+    save: Annotated[bool, typer.Option("--save/--no-save", help="store its hash in the data folder; with "
+                                       "--no-save only print the settings entry for RADNODE_API_TOKENS")] = True,
+) -> None:
+    """Make an API token: printed once; only its SHA-256 is stored (data folder, or your settings)."""
+    from node.api.auth import new_token, tokens_path
+
+    s = settings()
+    try:
+        token, entry = new_token(s, name, read_only=read_only, save=save)
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    print(token)
+    where = f"saved in {tokens_path(s)}" if save else "not saved: add this entry to api_tokens / RADNODE_API_TOKENS"
+    console.print(f"token {name!r} ({'read-only' if read_only else 'read and write'}), {where}:\n"
+                  f"{json.dumps(entry.model_dump())}")
+
+
+@token_app.command("list")
+def token_list() -> None:
+    """The API tokens that are accepted (names and rights; tokens themselves are never stored)."""
+    from node.api.auth import saved_tokens, tokens_path
+
+    s = settings()
+    try:
+        saved = saved_tokens(s)
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    for source, entries in (("settings", s.api_tokens), (str(tokens_path(s)), saved)):
+        for t in entries:
+            print(f"{t.name}\t{'read-only' if t.read_only else 'read-write'}\t{source}")
 
 
 @app.command()

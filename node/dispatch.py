@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import deliveries
 from db.models import Job, Series, utcnow
+from node import metrics
 from node.heartbeat import Heartbeat
 from node.scu import AssociationFailed, send
 from node.settings import (
@@ -184,6 +185,7 @@ class Dispatcher:
                 log.info("delivery %d not due or held elsewhere; task ignored", delivery_id)
                 return "duplicate"
             job = session.get(Job, claim.job_id)
+            plugin = job.plugin
             outputs = list(job.outputs or [])
             sender_ae = session.get(Series, job.series_id).calling_ae
         t = time.perf_counter()
@@ -214,6 +216,7 @@ class Dispatcher:
                     session, claim, str(error), utcnow(), max_attempts=s.delivery_max_attempts,
                     base=s.delivery_backoff_seconds, cap=s.delivery_backoff_max_seconds, permanent=error.permanent,
                 )
+        metrics.delivery_attempt(claim.destination, plugin, outcome, seconds)
         if outcome == "lost":
             log.warning("job %d: delivery to %s was taken back meanwhile (job retried or attempt released)",
                         claim.job_id, claim.destination)

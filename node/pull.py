@@ -13,10 +13,11 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+from node import metrics
 from node.logs import uid_hash
 from node.scp import Receiver, Status
 from node.settings import Settings
-from node.storage import InstanceStore, StorageError, read_header
+from node.storage import InstanceHeader, InstanceStore, InvalidUID, StorageError, read_header
 
 log = logging.getLogger("radnode.pull")
 
@@ -42,20 +43,30 @@ class Ingest:
         self.receiver = Receiver(settings, store, sessionmaker)
         self.max_bytes = settings.max_instance_bytes
 
-    def add(self, data: bytes, source_ae: str | None, report: PullReport, name: str) -> None:
-        if len(data) > self.max_bytes:
-            report.failed.append((name, "instance larger than the configured maximum"))
-            return
-        try:
-            header = read_header(data)
-        except StorageError as exc:
-            report.failed.append((name, str(exc)))
-            return
-        status = self.receiver.persist(header, data, source_ae)
+    def add(self, data: bytes, source_ae: str | None, report: PullReport, name: str, source: str = "pull") -> None:
+        """Store one fetched instance, or add why not to `report` (`source` labels the metrics)."""
+        status, reason, _ = self.store(data, source_ae)
+        metrics.instance_received(source, source_ae, status, len(data))
         if status == Status.SUCCESS:
             report.stored += 1
         else:
-            report.failed.append((name, f"not stored (status 0x{status:04X}: disk full or database unavailable)"))
+            report.failed.append((name, reason))
+
+    def store(self, data: bytes, source_ae: str | None) -> tuple[int, str, InstanceHeader | None]:
+        """(DICOM status, reason, header) of storing one instance: validated header, durable file, then the row.
+        The header is None when the data is not a usable DICOM instance."""
+        if len(data) > self.max_bytes:
+            return Status.TOO_LARGE, "instance larger than the configured maximum", None
+        try:
+            header = read_header(data)
+        except InvalidUID as exc:
+            return Status.INVALID_UID, str(exc), None
+        except StorageError as exc:
+            return Status.CANNOT_UNDERSTAND, str(exc), None
+        status = self.receiver.persist(header, data, source_ae)
+        if status == Status.SUCCESS:
+            return status, "stored", header
+        return status, f"not stored (status 0x{status:04X}: disk full or database unavailable)", header
 
 
 # --- Orthanc --------------------------------------------------------------------------------------------

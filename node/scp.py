@@ -22,6 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from db.models import utcnow
 from db.records import InstanceRecorder, ReceivedInstance
 from db.session import make_engine, make_sessionmaker
+from node import metrics
 from node.logs import setup_logging, uid_hash
 from node.settings import Settings
 from node.storage import InstanceHeader, InstanceStore, InvalidUID, StorageFull, UndecodableDataset, read_header
@@ -66,7 +67,18 @@ class Receiver:
             data = event.encoded_dataset(include_meta=True)
         except Exception:
             log.exception("C-STORE: could not read the received data set")
-            return _status(Status.CANNOT_UNDERSTAND, "cannot read data set")
+            data = b""
+            result: int | Dataset = _status(Status.CANNOT_UNDERSTAND, "cannot read data set")
+        else:
+            result = self._store(event, data, calling)
+        try:
+            metrics.instance_received("dimse", calling, result if isinstance(result, int) else result.Status,
+                                      len(data))
+        except Exception:
+            log.exception("C-STORE: metrics not recorded")
+        return result
+
+    def _store(self, event: evt.Event, data: bytes, calling: str | None) -> int | Dataset:
         if len(data) > self.settings.max_instance_bytes:
             log.warning("C-STORE refused: %d bytes over the %d limit", len(data), self.settings.max_instance_bytes)
             return _status(Status.TOO_LARGE, "instance larger than the configured maximum")

@@ -21,6 +21,7 @@ from db.migrate import current_revision, upgrade
 from db.models import utcnow
 from db.records import known_paths, record_instance
 from db.session import make_engine, make_sessionmaker
+from node.metrics import enable_multiprocess
 from node.queueing import BASE_QUEUES, Enqueuer, is_embedded
 from node.router import Router
 from node.rules import RulesError, RuleSet, load_rules
@@ -106,6 +107,7 @@ class Node:
     receivers: dict[int, mp.process.BaseProcess] = field(default_factory=dict)
     stop: threading.Event = field(default_factory=threading.Event)
     worker: subprocess.Popen | None = None
+    api: mp.process.BaseProcess | None = None
 
     def start(self, auto_upgrade: bool = False) -> None:
         """Prepare the database and storage and start the receivers. Raises StartupError."""
@@ -126,10 +128,14 @@ class Node:
         if removed:
             log.info("removed %d partial file(s) left by an interrupted transfer", removed)
         reconcile(self.store, self.sessionmaker)
+        enable_multiprocess(s.data_path / "metrics")  # before any child starts: they all write metrics there
         self._ready: Any = mp.get_context("spawn").Queue()
         for i in range(s.receivers):
             self.receivers[i] = spawn_receiver(s, i, self._ready)
         self._wait_ready(set(self.receivers))
+        if s.http_port:
+            self.api = spawn_api(s, self._ready)
+            self._wait_ready({"api"})
         self.tracker = Tracker(self.sessionmaker, s.stable_seconds, min(s.sweep_seconds, s.stable_seconds / 2))
         self.enqueuer = Enqueuer(s)
         self.router = Router(self.sessionmaker, self.rules, self.discovery.manifests, self.enqueuer, s.instances_dir)
@@ -159,14 +165,14 @@ class Node:
         self.worker = subprocess.Popen(cmd, env=os.environ.copy())
         log.info("embedded worker started (pid %d, queues %s)", self.worker.pid, queues)
 
-    def _wait_ready(self, pending: set[int], timeout: float = 60.0) -> None:
+    def _wait_ready(self, pending: set[int | str], timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while pending:
             try:
                 index, error = self._ready.get(timeout=max(0.1, deadline - time.monotonic()))
             except queue.Empty:
                 self.shutdown()
-                raise StartupError("receiver processes did not start in time") from None
+                raise StartupError(f"{', '.join(map(str, pending))} did not start in time") from None
             if error:
                 self.shutdown()
                 raise StartupError(error)
@@ -178,6 +184,10 @@ class Node:
             f"DICOM {'TLS' if tls else 'TCP'} {host}:{port} AE {s.ae_title} ({s.receivers} receiver processes)"
             for host, port, tls in listen_addresses(s)
         ]
+        if s.http_port:
+            scheme = "https" if s.http_tls_cert else "http"
+            lines.append(f"HTTP {scheme}://{s.dicom_host}:{s.http_port}/ (dashboard, REST API /v1, STOW-RS /dicomweb, "
+                         "/metrics, /docs)")
         lines.append(f"storage {s.data_path}")
         lines.append(f"database {self.engine.url.render_as_string(hide_password=True)}")
         lines.append(f"stable after {s.stable_seconds:g} s")
@@ -230,6 +240,13 @@ class Node:
         if self.worker is not None and self.worker.poll() is not None and not self.stop.is_set():
             log.error("embedded worker exited with %s; restarting", self.worker.returncode)
             self._start_worker()
+        if self.api is not None and not self.api.is_alive() and not self.stop.is_set():
+            log.error("HTTP service exited with %s; restarting", self.api.exitcode)
+            self.api = spawn_api(self.settings, self._ready)
+            try:
+                self._wait_ready({"api"}, timeout=30)
+            except StartupError:
+                log.exception("HTTP service could not be restarted")
         for index, proc in list(self.receivers.items()):
             if not proc.is_alive() and not self.stop.is_set():
                 log.error("receiver %d exited with %s; restarting", index, proc.exitcode)
@@ -254,10 +271,11 @@ class Node:
         self.stop.set()
         if self.worker is not None and self.worker.poll() is None:
             self.worker.terminate()  # Celery warm shutdown: finish the running task
-        for proc in self.receivers.values():
+        children = [*self.receivers.values(), *([self.api] if self.api is not None else [])]
+        for proc in children:
             if proc.is_alive():
-                proc.terminate()  # SIGTERM: stop accepting, finish running associations
-        for proc in self.receivers.values():
+                proc.terminate()  # SIGTERM: stop accepting, finish running associations and requests
+        for proc in children:
             proc.join(timeout=15)
             if proc.is_alive():
                 proc.kill()
@@ -270,6 +288,16 @@ class Node:
         if hasattr(self, "enqueuer"):
             self.enqueuer.close()
         log.info("node stopped")
+
+
+def spawn_api(settings: Settings, ready: Any) -> mp.process.BaseProcess:
+    """The HTTP service (REST API, STOW-RS, dashboard, metrics) in its own process."""
+    from node.api.app import api_main
+
+    proc = mp.get_context("spawn").Process(target=api_main, args=(settings.model_dump(), ready), name="radnode-api",
+                                           daemon=False)
+    proc.start()
+    return proc
 
 
 def describe_destination(dest: Any) -> str:

@@ -114,6 +114,29 @@ Destination = Annotated[
 ]
 
 
+class ApiToken(_Config):
+    """A bearer token for the HTTP API, stored as the SHA-256 of the token (`radnode token new` makes one)."""
+
+    name: str = Field(description="who or what uses it (shown in logs, never the token)")
+    sha256: str = Field(description="hex SHA-256 of the token")
+    read_only: bool = Field(False, description="may read but not change state (retry, redeliver, STOW, infer)")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError(f"bad token name {v!r}: lower-case letters, digits, '-' and '_' (at most 64)")
+        return v
+
+    @field_validator("sha256")
+    @classmethod
+    def _hash(cls, v: str) -> str:
+        v = v.strip().lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", v):
+            raise ValueError("sha256 must be 64 hex digits (the SHA-256 of the token, not the token)")
+        return v
+
+
 class _YamlSource(PydanticBaseSettingsSource):
     """Reads the optional YAML file named by RADNODE_CONFIG (set by `--config`)."""
 
@@ -145,7 +168,19 @@ class Settings(BaseSettings):
     ae_title: str = Field("RADNODE", description="our AE title")
     dicom_host: str = Field("0.0.0.0", description="address the DICOM and HTTP services listen on")
     dicom_port: int = Field(11112, ge=0, le=65535, description="DICOM listen port (0 = no plain-TCP listener)")
-    http_port: int = Field(8080, ge=0, le=65535, description="HTTP listen port (API)")
+    http_port: int = Field(8080, ge=0, le=65535, description="HTTP listen port (API, dashboard; 0 = off)")
+    http_tls_cert: Path | None = Field(None, description="HTTPS: certificate (PEM) uvicorn serves the API with")
+    http_tls_key: Path | None = Field(None, description="HTTPS: private key (PEM) for http_tls_cert")
+    api_tokens: list[ApiToken] = Field(
+        default_factory=list, description="API bearer tokens, hashed (JSON list in RADNODE_API_TOKENS)"
+    )
+    api_read_open: bool = Field(False, description="reading the API and dashboard needs no token")
+    max_upload_bytes: int = Field(
+        4 * 1024**3, gt=0, description="largest HTTP request body (STOW-RS, /v1/infer); larger: 413"
+    )
+    infer_wait_seconds: float = Field(
+        120.0, ge=0, le=3600, description="POST /v1/infer answers with the results if done within this time"
+    )
     stable_seconds: float = Field(30.0, gt=0, description="series/study stability window in seconds")
     allowed_aes: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="calling AE titles allowed to associate; empty = accept all"
@@ -218,6 +253,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:
+        if (self.http_tls_cert is None) != (self.http_tls_key is None):
+            raise ValueError("http_tls_cert and http_tls_key must be set together")
+        token_names = [t.name for t in self.api_tokens]
+        if len(set(token_names)) != len(token_names):
+            raise ValueError("api_tokens: each name may be used once")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be set together")
         if self.tls_ca is not None and self.tls_cert is None:

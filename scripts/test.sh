@@ -8,7 +8,8 @@ PY=${PYTHON:-python3}
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
-# 1. Debian packages: DCMTK, Orthanc (+DICOMweb), dicom3tools (dciodvfy), PostgreSQL, Redis.
+# 1. Debian packages: DCMTK, Orthanc (+DICOMweb), dicom3tools (dciodvfy), PostgreSQL, Redis, and Chromium with
+#    its driver for the dashboard's browser test.
 need_pkgs=()
 command -v storescu >/dev/null || need_pkgs+=(dcmtk)
 command -v Orthanc >/dev/null || need_pkgs+=(orthanc)
@@ -16,6 +17,8 @@ command -v Orthanc >/dev/null || need_pkgs+=(orthanc)
 command -v dciodvfy >/dev/null || need_pkgs+=(dicom3tools)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_pkgs+=(postgresql)
 command -v redis-server >/dev/null || need_pkgs+=(redis-server)
+command -v chromium >/dev/null || need_pkgs+=(chromium)
+command -v chromedriver >/dev/null || need_pkgs+=(chromium-driver)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "installing Debian packages: ${need_pkgs[*]}"
   $SUDO apt-get update -qq

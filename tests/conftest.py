@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -116,13 +118,18 @@ class NodeProcess:
         """`default_rules`: route with the packaged rules; otherwise with `rules_file`, or with none at all."""
         self.data_dir = data_dir
         self.port = int(settings.pop("dicom_port", free_port()))
+        self.http_port = int(settings.pop("http_port", free_port()))
         self.ae_title = settings.get("ae_title", "RADNODE")
+        self.token = "rn_test_" + uuid.uuid4().hex
+        token_entry = {"name": "test", "sha256": hashlib.sha256(self.token.encode()).hexdigest()}
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RADNODE_")}
         self.env.update(
             {
                 "RADNODE_DATA_DIR": str(data_dir),
                 "RADNODE_DATABASE_URL": db_url,
                 "RADNODE_DICOM_PORT": str(self.port),
+                "RADNODE_HTTP_PORT": str(self.http_port),
+                "RADNODE_API_TOKENS": json.dumps([token_entry]),
                 "RADNODE_STABLE_SECONDS": "1.5",
                 "RADNODE_SWEEP_SECONDS": "0.25",
                 "RADNODE_RECEIVERS": "2",
@@ -198,6 +205,19 @@ class NodeProcess:
     def logs(self) -> str:
         return self.log_path.read_text()
 
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def api(self, method: str, path: str, token: str | None = "default", **kwargs) -> Any:
+        """An HTTP request to the node's API (with its test token unless `token` says otherwise)."""
+        import httpx
+
+        headers = dict(kwargs.pop("headers", {}))
+        if token is not None:
+            headers["Authorization"] = f"Bearer {self.token if token == 'default' else token}"
+        return httpx.request(method, self.url + path, headers=headers, timeout=kwargs.pop("timeout", 60), **kwargs)
+
 
 @pytest.fixture
 def start_node(tmp_path: Path, db_url: str):
@@ -207,7 +227,7 @@ def start_node(tmp_path: Path, db_url: str):
     def _start(data_dir: Path | None = None, **settings: str) -> NodeProcess:
         node = NodeProcess(data_dir or tmp_path / "data", db_url, **settings)
         if db_url.startswith("postgresql"):  # production databases are migrated explicitly
-            assert "database at revision 0003" in node.cli("db", "upgrade").stdout
+            assert "database at revision 0004" in node.cli("db", "upgrade").stdout
         nodes.append(node)
         return node.start()
 

@@ -10,11 +10,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from celery.signals import worker_process_init
+import threading
 
-from db import deliveries, jobs
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
+
+from db import deliveries, jobs, workers
 from db.models import FailStage, Job, JobState, Series, Study, utcnow
 from db.session import make_engine, make_sessionmaker
+from node import metrics
 from node.dispatch import Dispatcher
 from node.heartbeat import Heartbeat
 from node.imaging import ImageLoadError
@@ -166,6 +169,7 @@ class WorkerRuntime:
         if not done:
             log.warning("job %d finished here but was taken back meanwhile; result left to the new run", job_id)
             return "superseded"
+        metrics.job_timings(manifest.name, timings)
         log.info("job %d encoded in %.2f s; delivering to %s", job_id,
                  sum(timings.values()) - timings.get("queue_wait", 0), ", ".join(names) or "no destination")
         self.enqueue_dispatch(delivery_ids)
@@ -216,3 +220,59 @@ def dispatch(delivery_id: int) -> str:
 def _warm_up(**_: Any) -> None:
     """Each pool process loads the encoders' tables now, not during its first job."""
     warm_up()
+
+
+class Liveness:
+    """The worker's main process records itself alive in the job table every heartbeat period (readiness
+    and the dashboard read it). One short connection per beat: pool processes fork from this process."""
+
+    def __init__(self, settings: Settings, name: str, queues: list[str]) -> None:
+        from sqlalchemy.pool import NullPool
+
+        self.settings, self.name, self.queues = settings, name, queues
+        self.maker = make_sessionmaker(make_engine(settings.db_url, poolclass=NullPool))
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="liveness", daemon=True)
+
+    def _beat(self) -> None:
+        with self.maker.begin() as session:
+            workers.beat(session, self.name, socket.gethostname(), os.getpid(), self.queues, utcnow())
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self._beat()
+            except Exception:
+                log.exception("worker liveness: could not record the heartbeat; retrying")
+            if self.stop.wait(self.settings.job_heartbeat_seconds):
+                return
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+        try:
+            with self.maker.begin() as session:
+                workers.gone(session, self.name)
+        except Exception:
+            log.exception("worker liveness: could not remove the worker row")
+
+
+_liveness: Liveness | None = None
+
+
+@worker_ready.connect
+def _alive(sender: Any = None, **_: Any) -> None:
+    """The worker consumes its queues now: start recording it alive."""
+    global _liveness
+    queues = sorted(q.name for q in sender.app.amqp.queues.consume_from.values())
+    _liveness = Liveness(load_settings(), sender.hostname, queues)
+    _liveness.start()
+
+
+@worker_shutdown.connect
+def _stopping(**_: Any) -> None:
+    if _liveness is not None:
+        _liveness.close()
