@@ -2,8 +2,9 @@
 """Container healthchecks of the compose stack (installed as `radnode-healthcheck` in the image).
 
     radnode-healthcheck http [URL]   the node answers URL (default: its own /healthz) with 2xx
-    radnode-healthcheck worker NAME  the Celery worker NAME@<this host> (`radnode worker --name NAME@%h`)
-                                     answers a ping through the configured broker
+    radnode-healthcheck worker NAME [SECONDS]
+                                     the Celery worker NAME@<this host> (`radnode worker --name NAME@%h`)
+                                     answers a ping through the configured broker (within 10 s)
 
 Exit status 0 when healthy, 1 otherwise, with the reason on stderr.
 """
@@ -55,8 +56,8 @@ def check_worker(name: str, timeout: float = 10.0) -> str | None:
 def main(argv: list[str]) -> int:
     if len(argv) >= 1 and argv[0] == "http" and len(argv) <= 2:
         problem = check_http(argv[1] if len(argv) == 2 else None)
-    elif len(argv) == 2 and argv[0] == "worker":
-        problem = check_worker(argv[1])
+    elif len(argv) in (2, 3) and argv[0] == "worker":
+        problem = check_worker(argv[1], float(argv[2]) if len(argv) == 3 else 10.0)
     else:
         print(__doc__, file=sys.stderr)
         return 2

@@ -2,13 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
 
 _salt = b""
+_job_id: contextvars.ContextVar[int | None] = contextvars.ContextVar("radnode_job_id", default=None)
+
+
+@contextlib.contextmanager
+def job_context(job_id: int) -> Iterator[None]:
+    """Lines logged inside carry `job_id` (a field of the JSON logs)."""
+    token = _job_id.set(job_id)
+    try:
+        yield
+    finally:
+        _job_id.reset(token)
+
+
+class _JobIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "job_id", None) is None:
+            record.job_id = _job_id.get()
+        return True
 
 
 def uid_hash(uid: str | None) -> str:
@@ -27,6 +48,8 @@ class _JsonFormatter(logging.Formatter):
             "pid": record.process,
             "msg": record.getMessage(),
         }
+        if getattr(record, "job_id", None) is not None:
+            out["job_id"] = record.job_id
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out)
@@ -37,6 +60,7 @@ def setup_logging(level: str = "INFO", json_lines: bool = False, salt: str = "")
     global _salt
     _salt = salt.encode()
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_JobIdFilter())
     if json_lines:
         handler.setFormatter(_JsonFormatter())
     else:

@@ -48,7 +48,8 @@ def _metrics() -> SimpleNamespace:
             "radnode_delivery_attempts", "Delivery attempts by destination and result (sent, retry, failed)",
             ["destination", "result"],
         ),
-        http=Counter("radnode_http_requests", "HTTP requests by method, route and status", ["method", "route", "status"]),
+        http=Counter("radnode_http_requests", "HTTP requests by method, route and status",
+                     ["method", "route", "status"]),
     )
 
 

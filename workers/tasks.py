@@ -6,11 +6,10 @@ import functools
 import logging
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
-
-import threading
 
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
@@ -22,7 +21,7 @@ from node.dispatch import Dispatcher
 from node.heartbeat import Heartbeat
 from node.imaging import ImageLoadError
 from node.inference import encode_outputs, load_plugin, load_series_image, merged_warnings, run_plugin
-from node.logs import uid_hash
+from node.logs import job_context, uid_hash
 from node.queueing import TASK_DISPATCH, TASK_INFER, Enqueuer
 from node.results.common import warm_up
 from node.settings import Settings, load_settings
@@ -206,7 +205,8 @@ def runtime() -> WorkerRuntime:
 @app.task(name=TASK_INFER, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def infer(job_id: int) -> str:
     """Celery entry: run job `job_id` (an id only; the job table says what to do)."""
-    return runtime().infer(int(job_id))
+    with job_context(int(job_id)):
+        return runtime().infer(int(job_id))
 
 
 

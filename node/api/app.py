@@ -8,14 +8,14 @@ import os
 import tempfile
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from node import __version__, metrics
-from node.api.auth import Authenticator, Principal, reader
+from node.api.auth import Authenticator, Reader
 from node.settings import Settings
 
 log = logging.getLogger("radnode.api")
@@ -165,7 +165,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/metrics", tags=["service"], response_class=Response,
              responses={200: {"content": {"text/plain": {}}}})
-    def metrics_endpoint(_: Principal = Depends(reader)) -> Response:
+    def metrics_endpoint(_: Reader) -> Response:
         """Prometheus metrics: instances received, bytes, jobs, stage durations, queue depth, deliveries, disk."""
         data, content_type = metrics.exposition(app.state.collector)
         return Response(data, media_type=content_type)

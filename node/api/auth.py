@@ -10,15 +10,17 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
-from fastapi import HTTPException, Request
+from fastapi import Depends, HTTPException, Request
 
 from node.settings import ApiToken, Settings
 
 log = logging.getLogger("radnode.api")
 
 TOKENS_FILE = "api-tokens.json"  # in the data folder: tokens made by `radnode token new` (hashes only)
-COOKIE = "radnode_token"  # the dashboard keeps the token in an HttpOnly, SameSite=Strict cookie
+COOKIE = "radnode_token"
+MAX_TOKEN_CHARS = 512  # the dashboard keeps the token in an HttpOnly, SameSite=Strict cookie
 
 
 def hash_token(token: str) -> str:
@@ -96,8 +98,11 @@ class Authenticator:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             token = request.cookies.get(COOKIE, "")
-        token = token.strip()
-        if not token:
+        return self.check(token.strip())
+
+    def check(self, token: str) -> Principal | None:
+        """The principal a token belongs to (SHA-256 compared in constant time), or None."""
+        if not token or len(token) > MAX_TOKEN_CHARS:
             return None
         digest = hash_token(token)
         for entry in self.tokens():
@@ -134,3 +139,7 @@ def writer(request: Request) -> Principal:
 
 def _bad_token_given(request: Request) -> bool:
     return request.headers.get("authorization", "").lower().startswith("bearer ")
+
+
+Reader = Annotated[Principal, Depends(reader)]  # an endpoint parameter: who reads (401 without a token)
+Writer = Annotated[Principal, Depends(writer)]  # who changes state (401 without, 403 with a read-only token)

@@ -4,7 +4,6 @@ redeliver forms; log in with an API token (kept in an HttpOnly, SameSite=Strict 
 
 from __future__ import annotations
 
-import hmac
 import io
 import logging
 import re
@@ -13,13 +12,14 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from fastapi import APIRouter, Form, HTTPException, Path as PathParam, Query, Request
+from fastapi import APIRouter, Form, HTTPException, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
-from db.models import JobState
+from db.models import DeliveryState, JobState
 from node import __version__
-from node.api.auth import COOKIE, Authenticator, Principal, hash_token
+from node.api.auth import COOKIE, Authenticator, Principal
 from node.api.v1 import FINISHED, alive_workers, job_or_404, plugin_rows, redeliver_job, retry_job
 from node.storage import is_valid_uid
 
@@ -35,7 +35,6 @@ JobId = Annotated[int, PathParam(ge=1, le=2**31 - 1)]
 REFRESH_SECONDS = 5  # pages reload themselves this often (?refresh=0 stops it)
 PREVIEW_MAX_PX = 1024  # longest side of a heatmap preview
 SC_NAME = re.compile(r"SC-[0-9]{1,6}")  # the only outputs previewed: the encoders' SC-NNN.dcm
-MAX_TOKEN_CHARS = 512
 STAGES = ("queue_wait", "model_load", "image_load", "infer", "encode")  # timing keys in the order they happen
 UNIT_LABELS = {"[hnsf'U]": "HU", "1": "", "mm2": "mm²", "mm3": "mm³", "cm2": "cm²", "cm3": "cm³"}
 FLASH_KEYS = ("msg", "err")
@@ -112,25 +111,15 @@ def settled(job: dict[str, Any]) -> bool:
     """Nothing more will happen to the job without an operator: no reason to keep reloading its page."""
     if job["state"] in (JobState.QUEUED, JobState.RUNNING):
         return False
-    return not any(d["state"] == "pending" for d in job["deliveries"])
+    return not any(d["state"] == DeliveryState.PENDING for d in job["deliveries"])
 
 
 def can_retry(job: dict[str, Any]) -> bool:
+    """A job may be run again once no worker holds it (encoded, delivered, failed, skipped)."""
     return job["state"] in FINISHED
 
 
 # --- who is looking -------------------------------------------------------------------------------
-
-
-def principal_for_token(auth: Authenticator, token: str) -> Principal | None:
-    """The principal a token belongs to (compared by SHA-256 in constant time), or None."""
-    if not token or len(token) > MAX_TOKEN_CHARS:
-        return None
-    digest = hash_token(token)
-    for entry in auth.tokens():
-        if hmac.compare_digest(digest, entry.sha256):
-            return Principal(entry.name, not entry.read_only)
-    return None
 
 
 def viewer(request: Request) -> Principal | None:
@@ -173,7 +162,14 @@ def same_origin(request: Request) -> bool:
     return bool(host) and urlsplit(origin).netloc.lower() == host.lower()
 
 
+def secure_cookie(request: Request) -> bool:
+    """The cookie is Secure when the browser talks HTTPS: to uvicorn itself, or to a proxy in front that says so
+    (X-Forwarded-Proto; a false claim could only make the cookie stricter)."""
+    return request.url.scheme == "https" or request.headers.get("x-forwarded-proto", "").lower() == "https"
+
+
 def login_redirect(request: Request) -> RedirectResponse:
+    """To the login form, coming back to this page afterwards."""
     return RedirectResponse("/login?" + urlencode({"next": here(request)}), status_code=303)
 
 
@@ -385,14 +381,14 @@ def login(request: Request, token: Annotated[str, Form(max_length=4096)] = "",
     if not same_origin(request):
         log.warning("dashboard: cross-site login post refused")
         return page(request, "error.html", {"status": 403, "detail": "cross-site form post refused"}, 403)
-    who = principal_for_token(request.app.state.auth, token.strip())
+    who = request.app.state.auth.check(token.strip())
     if who is None:
         log.warning("dashboard: a login with an unknown token was refused")
         return page(request, "login.html", {"next": safe_next(next), "refused": True}, 401)
     log.info("dashboard: %s logged in", who.name)
     response = RedirectResponse(safe_next(next), status_code=303)
     response.set_cookie(COOKIE, token.strip(), httponly=True, samesite="strict", path="/",
-                        secure=request.url.scheme == "https")
+                        secure=secure_cookie(request))
     return response
 
 
@@ -400,8 +396,14 @@ def login(request: Request, token: Annotated[str, Form(max_length=4096)] = "",
 def logout(request: Request) -> Response:
     """Forget the dashboard cookie."""
     response = RedirectResponse("/login", status_code=303)
-    response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict", secure=request.url.scheme == "https")
+    response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict", secure=secure_cookie(request))
     return response
+
+
+@router.get("/favicon.ico")
+def favicon() -> Response:
+    """No icon (browsers ask for one on every page)."""
+    return Response(status_code=204, headers={"Cache-Control": "public, max-age=86400"})
 
 
 @router.get("/ui/static/{name}")

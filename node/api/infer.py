@@ -15,12 +15,12 @@ import zipfile
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from db.models import Job, JobState, Series, utcnow
-from node.api.auth import Principal, writer
+from node.api.auth import Writer
 from node.api.models import InferAccepted
 from node.api.v1 import FINISHED, add_job_to_zip, job_or_404
 from node.offline import MAX_ZIP_BYTES
@@ -118,11 +118,10 @@ async def _spool(request: Request) -> Path:
     response_class=Response,
 )
 async def infer(
-    request: Request,
+    request: Request, _: Writer,
     plugin: Annotated[str, Query(min_length=1, max_length=64, description="plugin to run on every series")],
     wait: Annotated[float | None, Query(ge=0, le=3600, description="seconds to wait for the results "
                                                "(default: the infer_wait_seconds setting)")] = None,
-    _: Principal = Depends(writer),
 ) -> Response:
     """Run one plugin on the DICOM files of a zip (`Content-Type: application/zip`).
 

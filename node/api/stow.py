@@ -7,13 +7,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
 from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 
 from node import metrics
-from node.api.auth import Principal, writer
+from node.api.auth import Writer
 from node.scp import Status
 from node.storage import InvalidUID, StorageError, is_valid_uid, read_header
 
@@ -182,13 +182,13 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 @router.post("/dicomweb/studies", responses=_RESPONSES, summary="STOW-RS: store instances")
-async def stow(request: Request, _: Principal = Depends(writer)) -> JSONResponse:
+async def stow(request: Request, _: Writer) -> JSONResponse:
     """Store DICOM instances sent as `multipart/related; type="application/dicom"` (DICOMweb STOW-RS)."""
     return await _stow(request, None)
 
 
 @router.post("/dicomweb/studies/{study_uid}", responses=_RESPONSES, summary="STOW-RS: store instances of one study")
-async def stow_study(study_uid: str, request: Request, _: Principal = Depends(writer)) -> JSONResponse:
+async def stow_study(study_uid: str, request: Request, _: Writer) -> JSONResponse:
     """STOW-RS to one study: instances of another study are refused (failure reason 0xA900)."""
     if not is_valid_uid(study_uid):
         raise HTTPException(422, "study_uid is not a valid DICOM UID")

@@ -9,11 +9,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Path as PathParam, Query, Request
+from fastapi import APIRouter, Body, HTTPException, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import Response
 
 from db.models import JobState, utcnow
-from node.api.auth import Principal, reader, writer
+from node.api.auth import Reader, Writer
 from node.api.models import Accepted, JobOut, PluginOut, Redelivered, RedeliverIn, StudyOut, WorkerOut
 from node.metrics import WORKER_ALIVE_PERIODS
 from node.storage import is_valid_uid
@@ -36,9 +37,9 @@ def _aware(value: datetime | None) -> datetime | None:
 
 
 @router.get("/studies", response_model=list[StudyOut], tags=["studies"])
-def studies(request: Request, limit: Limit = 100, offset: Offset = 0,
+def studies(request: Request, _: Reader, limit: Limit = 100, offset: Offset = 0,
             since: Annotated[datetime | None, Query(description="received at or after (ISO 8601 with zone)")] = None,
-            _: Principal = Depends(reader)) -> list[dict[str, Any]]:
+            ) -> list[dict[str, Any]]:
     """Received studies with their series, state and instance counts, newest first."""
     from db.records import list_studies
 
@@ -47,7 +48,7 @@ def studies(request: Request, limit: Limit = 100, offset: Offset = 0,
 
 
 @router.get("/studies/{study_uid}", response_model=StudyOut, tags=["studies"], responses={404: {}, 422: {}})
-def study(request: Request, study_uid: str, _: Principal = Depends(reader)) -> dict[str, Any]:
+def study(request: Request, _: Reader, study_uid: str) -> dict[str, Any]:
     """One study with its series."""
     from db.records import list_studies
 
@@ -61,11 +62,11 @@ def study(request: Request, study_uid: str, _: Principal = Depends(reader)) -> d
 
 
 @router.get("/jobs", response_model=list[JobOut], tags=["jobs"])
-def jobs(request: Request, state: JobState | None = None,
+def jobs(request: Request, _: Reader, state: JobState | None = None,
          plugin: Annotated[str | None, Query(max_length=64)] = None,
          study_uid: Annotated[str | None, Query(max_length=64)] = None,
          since: Annotated[datetime | None, Query(description="changed at or after (ISO 8601 with zone)")] = None,
-         limit: Limit = 100, offset: Offset = 0, _: Principal = Depends(reader)) -> list[dict[str, Any]]:
+         limit: Limit = 100, offset: Offset = 0) -> list[dict[str, Any]]:
     """Jobs newest first, filtered by state, plugin, study or time of the last change."""
     from db.jobs import list_jobs
 
@@ -86,7 +87,7 @@ def job_or_404(request: Request, job_id: int) -> dict[str, Any]:
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, tags=["jobs"], responses={404: {}})
-def job(request: Request, job_id: JobId, _: Principal = Depends(reader)) -> dict[str, Any]:
+def job(request: Request, _: Reader, job_id: JobId) -> dict[str, Any]:
     """One job: state, timings per stage, warnings, findings, outputs and deliveries."""
     return job_or_404(request, job_id)
 
@@ -106,7 +107,7 @@ def retry_job(request: Request, job_id: int) -> None:
 
 @router.post("/jobs/{job_id}/retry", response_model=Accepted, status_code=202, tags=["jobs"],
              responses={401: {}, 403: {}, 404: {}, 409: {}})
-def retry(request: Request, job_id: JobId, who: Principal = Depends(writer)) -> dict[str, Any]:
+def retry(request: Request, who: Writer, job_id: JobId) -> dict[str, Any]:
     """Run a finished job again (failed, skipped, encoded or delivered), with the same output UIDs."""
     retry_job(request, job_id)
     return {"id": job_id, "state": JobState.QUEUED, "message": "queued again; a worker runs it shortly"}
@@ -127,8 +128,8 @@ def redeliver_job(request: Request, job_id: int, everything: bool) -> list[int]:
 
 @router.post("/jobs/{job_id}/redeliver", response_model=Redelivered, status_code=202, tags=["jobs"],
              responses={401: {}, 403: {}, 404: {}, 409: {}})
-def redeliver(request: Request, job_id: JobId, body: Annotated[RedeliverIn | None, Body()] = None,
-              who: Principal = Depends(writer)) -> dict[str, Any]:
+def redeliver(request: Request, who: Writer, job_id: JobId,
+              body: Annotated[RedeliverIn | None, Body()] = None) -> dict[str, Any]:
     """Send a job's results again: the failed deliveries, or every destination with `{"all": true}`."""
     ids = redeliver_job(request, job_id, bool(body and body.all))
     return {"id": job_id, "deliveries": ids, "message": f"{len(ids)} delivery(ies) due again"}
@@ -160,7 +161,7 @@ def add_job_to_zip(archive: zipfile.ZipFile, job: dict[str, Any], prefix: str) -
 
 @router.get("/jobs/{job_id}/results.zip", tags=["jobs"], response_class=Response,
             responses={200: {"content": {"application/zip": {}}}, 404: {}, 409: {}, 410: {}})
-def results(request: Request, job_id: JobId, _: Principal = Depends(reader)) -> Response:
+def results(request: Request, _: Reader, job_id: JobId) -> Response:
     """The job's result objects (SR, SEG, SC) and findings.json as a zip."""
     data = results_zip(job_or_404(request, job_id))
     return Response(data, media_type="application/zip",
@@ -183,7 +184,7 @@ def plugin_rows(request: Request) -> list[dict[str, Any]]:
 
 
 @router.get("/plugins", response_model=list[PluginOut], tags=["plugins"])
-def plugins(request: Request, _: Principal = Depends(reader)) -> list[dict[str, Any]]:
+def plugins(request: Request, _: Reader) -> list[dict[str, Any]]:
     """Installed plugins and whether each can run here (or why not)."""
     return plugin_rows(request)
 
@@ -201,6 +202,6 @@ def alive_workers(request: Request) -> list[dict[str, Any]]:
 
 
 @router.get("/workers", response_model=list[WorkerOut], tags=["plugins"])
-def workers(request: Request, _: Principal = Depends(reader)) -> list[dict[str, Any]]:
+def workers(request: Request, _: Reader) -> list[dict[str, Any]]:
     """Worker processes alive now (seen within three heartbeat periods) and the queues they serve."""
     return alive_workers(request)
