@@ -205,12 +205,16 @@ def worker(
     ] = "gpu,cpu,dispatch",
     concurrency: Annotated[int, typer.Option(min=1, help="worker processes")] = 1,
     name: Annotated[str | None, typer.Option(help="worker name (default radnode@HOST-PID)")] = None,
+    metrics_port: Annotated[int, typer.Option(min=0, max=65535, help="serve Prometheus metrics on this port "
+                                              "(0: off)")] = 0,
 ) -> None:
     """Run a Celery worker for these queues (production: one per GPU host, `--queues gpu`)."""
     settings()  # validate the configuration before handing over
     args = [sys.executable, "-m", "workers", "--queues", queues, "--concurrency", str(concurrency)]
     if name:
         args += ["--name", name]
+    if metrics_port:
+        args += ["--metrics-port", str(metrics_port)]
     os.execv(sys.executable, args)  # the node never imports the worker code; the worker is its own program
 
 

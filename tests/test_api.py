@@ -11,6 +11,7 @@ import zipfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
@@ -39,10 +40,11 @@ def _self_destination(port: int) -> str:
     return json.dumps([{"name": "self", "kind": "dicom", "ae_title": "RADNODE", "host": "127.0.0.1", "port": port}])
 
 
-def _start(stack: Stack, **settings: str):
+def _start(stack: Stack, worker_metrics_port: int = 0, **settings: str):
     write_weights(weights_path(REFERENCE, stack.models), 300.0)
     port = free_port()
-    return stack.start(RULES, dicom_port=str(port), destinations=_self_destination(port), **settings)
+    return stack.start(RULES, dicom_port=str(port), destinations=_self_destination(port),
+                       worker_metrics_port=worker_metrics_port, **settings)
 
 
 def _metric(text: str, name: str, **labels: str) -> float:
@@ -72,7 +74,8 @@ def _wait_job(node, job_id: int, states: set[str] = FINISHED, timeout: float = 1
 
 
 def test_every_endpoint_auth_and_errors(stack: Stack, ct_dir: Path, tmp_path: Path):
-    node = _start(stack)
+    worker_metrics = free_port() if stack.kind == "redis" else 0  # an external worker serves its own metrics
+    node = _start(stack, worker_metrics_port=worker_metrics)
     files = sorted(ct_dir.glob("*.dcm"))
     assert send(files, "127.0.0.1", node.port, node.ae_title, "CT1").sent == 64
     rows = stack.wait_jobs(lambda r: len(r) == 1 and r[0]["state"] == "delivered", timeout=120)
@@ -126,6 +129,10 @@ def test_every_endpoint_auth_and_errors(stack: Stack, ct_dir: Path, tmp_path: Pa
     assert plugins["reference-threshold"]["available"] and not plugins["ct-organ-seg"]["available"]
     assert "model unavailable" in plugins["ct-organ-seg"]["reason"]
     assert node.api("GET", "/v1/workers").json(), "a worker is alive"
+    if worker_metrics:
+        text = httpx.get(f"http://127.0.0.1:{worker_metrics}/metrics").text
+        assert _metric(text, "radnode_stage_duration_seconds_count", stage="infer", plugin="reference-threshold") == 1
+        assert _metric(text, "radnode_delivery_attempts_total", destination="self", result="sent") == 1
 
     # results as a zip: the DICOM objects dciodvfy-clean, and findings.json
     z = node.api("GET", f"/v1/jobs/{job_id}/results.zip")
@@ -317,3 +324,64 @@ def test_infer_returns_a_zip_of_results(tmp_path: Path, ct_dir: Path):
         if r.status_code == 202:
             assert r.json()["jobs"] == [job_id] and r.headers["location"] == f"/v1/jobs/{job_id}"
         assert not [line for line in node.logs().splitlines() if re.search(r"ERROR radnode\.(api|stow)", line)]
+
+
+def test_first_start_makes_one_token_and_https_for_radnode_api(tmp_path: Path):
+    """Without any configured token `radnode run` makes one and shows it once; `radnode api` alone serves
+    HTTPS with uvicorn's certificate settings."""
+    import select
+    import ssl
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import NodeProcess
+    from tests.test_scp import _make_pki
+
+    node = NodeProcess(tmp_path / "data", f"sqlite:///{tmp_path / 'radnode.db'}", api_tokens="[]").start()
+    try:
+        lines = []
+        while not any("API token" in line for line in lines) and len(lines) < 40:
+            lines.append(node.proc.stdout.readline())
+        token = lines[-1].rsplit(": ", 1)[1].strip()
+        assert token.startswith("rn_") and token not in (tmp_path / "data" / "api-tokens.json").read_text()
+        assert node.api("GET", "/v1/jobs", token=token).status_code == 200
+        assert node.api("GET", "/v1/jobs", token=None).status_code == 401
+        listed = node.cli("token", "list").stdout
+        assert "admin\tread-write" in listed and token not in listed
+    finally:
+        node.stop()
+    node = NodeProcess(tmp_path / "data", f"sqlite:///{tmp_path / 'radnode.db'}", api_tokens="[]",
+                       http_port=node.http_port).start()
+    try:
+        later = []
+        while select.select([node.proc.stdout], [], [], 3)[0]:
+            line = node.proc.stdout.readline()
+            if not line:
+                break
+            later.append(line)
+        assert later and not [line for line in later if "API token" in line], "a token is made on the first start"
+    finally:
+        node.stop()
+
+    pki = _make_pki(tmp_path)
+    env = node.env | {"RADNODE_HTTP_TLS_CERT": str(pki["server"]), "RADNODE_HTTP_TLS_KEY": str(pki["server_key"])}
+    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "api"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert "HTTP service on https://" in proc.stdout.readline()
+        url = f"https://127.0.0.1:{node.http_port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                r = httpx.get(f"{url}/v1/jobs", headers={"Authorization": f"Bearer {token}"}, verify=ssl.create_default_context(cafile=str(pki["ca"])))
+                break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        assert r.status_code == 200 and r.json() == []
+        with pytest.raises(httpx.RemoteProtocolError):
+            httpx.get(f"http://127.0.0.1:{node.http_port}/healthz")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

@@ -62,7 +62,7 @@ class Stack:
         return path
 
     def start(self, rules: str | None, env: dict[str, str] | None = None, worker: bool = True,
-              **settings: str) -> NodeProcess:
+              worker_metrics_port: int = 0, **settings: str) -> NodeProcess:
         """Start the node with these rules (None: the packaged default rules)."""
         base = {
             "models_dir": str(self.models),
@@ -82,17 +82,19 @@ class Stack:
         self.nodes.append(node)
         node.start()
         if self.kind == "redis" and worker:
-            self.start_worker()
+            self.start_worker(metrics_port=worker_metrics_port)
         return node
 
     @property
     def node(self) -> NodeProcess:
         return self.nodes[-1]
 
-    def start_worker(self, queues: str = "gpu,cpu,dispatch", concurrency: int = 1) -> subprocess.Popen:
+    def start_worker(self, queues: str = "gpu,cpu,dispatch", concurrency: int = 1,
+                     metrics_port: int = 0) -> subprocess.Popen:
         log = open(self.tmp_path / f"worker-{len(self.workers)}.log", "a")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "worker", "--queues", queues, "--concurrency", str(concurrency)],
+            [sys.executable, "-m", "node.cli", "worker", "--queues", queues, "--concurrency", str(concurrency),
+             "--metrics-port", str(metrics_port)],
             env=self.node.env, stdout=log, stderr=log, start_new_session=True,
         )
         self.workers.append(proc)

@@ -15,6 +15,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queues", default=",".join(BASE_QUEUES), help="comma-separated queues to consume")
     parser.add_argument("--concurrency", type=int, default=1, help="worker processes")
     parser.add_argument("--name", default=None, help="worker node name (default radnode@HOST-PID)")
+    parser.add_argument("--metrics-port", type=int, default=0,
+                        help="serve this worker's Prometheus metrics (stage durations, deliveries) on this port")
     args = parser.parse_args(argv)
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
     bad = [q for q in queues if q != "dispatch" and not QUEUE_RE.match(q)]
@@ -23,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
 
+    if args.metrics_port:
+        serve_metrics(args.metrics_port)
     from node.logs import setup_logging
     from workers.celery_app import app, settings
 
@@ -36,6 +40,22 @@ def main(argv: list[str] | None = None) -> int:
         celery_args.append("--without-heartbeat")
     app.worker_main(celery_args)
     return 0
+
+
+def serve_metrics(port: int) -> None:
+    """A worker on another host than the node: its pool processes write metrics into a folder of its own,
+    served on `port` for Prometheus (on the node's host the embedded worker writes into the node's folder)."""
+    import tempfile
+    from pathlib import Path
+
+    from node.metrics import enable_multiprocess
+
+    enable_multiprocess(Path(tempfile.mkdtemp(prefix="radnode-worker-metrics-")))
+    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    start_http_server(port, registry=registry)
 
 
 if __name__ == "__main__":
