@@ -169,16 +169,19 @@ class Node:
         self.worker = subprocess.Popen(cmd, env=os.environ.copy(), preexec_fn=_die_with_parent)
         log.info("embedded worker started (pid %d, queues %s)", self.worker.pid, queues)
 
-    def _wait_ready(self, pending: set[int | str], timeout: float = 60.0) -> None:
+    def _wait_ready(self, pending: set[int | str], timeout: float = 60.0, starting: bool = True) -> None:
+        """Wait for these children to report ready. Raises StartupError; while `starting`, after shutting
+        the node down (a child restarted later fails alone: the rest of the node keeps running)."""
         deadline = time.monotonic() + timeout
         while pending:
             try:
                 index, error = self._ready.get(timeout=max(0.1, deadline - time.monotonic()))
             except queue.Empty:
-                self.shutdown()
-                raise StartupError(f"{', '.join(map(str, pending))} did not start in time") from None
+                error = f"{', '.join(map(str, pending))} did not start in time"
+                index = None
             if error:
-                self.shutdown()
+                if starting:
+                    self.shutdown()
                 raise StartupError(error)
             pending.discard(index)
 
@@ -248,7 +251,7 @@ class Node:
             log.error("HTTP service exited with %s; restarting", self.api.exitcode)
             self.api = spawn_api(self.settings, self._ready)
             try:
-                self._wait_ready({"api"}, timeout=30)
+                self._wait_ready({"api"}, timeout=30, starting=False)
             except StartupError:
                 log.exception("HTTP service could not be restarted")
         for index, proc in list(self.receivers.items()):
@@ -256,7 +259,7 @@ class Node:
                 log.error("receiver %d exited with %s; restarting", index, proc.exitcode)
                 self.receivers[index] = spawn_receiver(self.settings, index, self._ready)
                 try:
-                    self._wait_ready({index}, timeout=30)
+                    self._wait_ready({index}, timeout=30, starting=False)
                 except StartupError:
                     log.exception("receiver %d could not be restarted", index)
 

@@ -385,3 +385,41 @@ def test_first_start_makes_one_token_and_https_for_radnode_api(tmp_path: Path):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_node_restarts_its_http_service_after_a_crash(tmp_path: Path):
+    import time
+
+    import psutil
+
+    from tests.conftest import NodeProcess
+
+    node = NodeProcess(tmp_path / "data", f"sqlite:///{tmp_path / 'radnode.db'}").start()
+    try:
+        def http_process() -> psutil.Process | None:
+            for child in psutil.Process(node.proc.pid).children():
+                try:
+                    if any(c.laddr.port == node.http_port and c.status == psutil.CONN_LISTEN
+                           for c in child.net_connections()):
+                        return child
+                except psutil.NoSuchProcess:
+                    continue
+            return None
+
+        first = http_process()
+        assert first is not None and node.api("GET", "/healthz", token=None).status_code == 200
+        first.kill()
+        deadline = time.monotonic() + 60
+        while True:
+            second = http_process()
+            if second is not None and second.pid != first.pid:
+                try:
+                    if node.api("GET", "/v1/jobs").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+            assert time.monotonic() < deadline, node.logs()[-3000:]
+            time.sleep(0.3)
+        assert "HTTP service exited" in node.logs()
+    finally:
+        node.stop()
