@@ -25,6 +25,12 @@ def _check_ae(value: str) -> str:
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 
+def _check_name(value: str, what: str) -> str:
+    if not _NAME_RE.match(value):
+        raise ValueError(f"bad {what} name {value!r}: lower-case letters, digits, '-' and '_' (at most 64)")
+    return value
+
+
 class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -49,9 +55,7 @@ class _Destination(_Config):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _NAME_RE.match(v):
-            raise ValueError(f"bad destination name {v!r}: lower-case letters, digits, '-' and '_' (at most 64)")
-        return v
+        return _check_name(v, "destination")
 
 
 class DicomDestination(_Destination):
@@ -124,9 +128,7 @@ class ApiToken(_Config):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _NAME_RE.match(v):
-            raise ValueError(f"bad token name {v!r}: lower-case letters, digits, '-' and '_' (at most 64)")
-        return v
+        return _check_name(v, "token")
 
     @field_validator("sha256")
     @classmethod
