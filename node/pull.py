@@ -43,10 +43,10 @@ class Ingest:
         self.receiver = Receiver(settings, store, sessionmaker)
         self.max_bytes = settings.max_instance_bytes
 
-    def add(self, data: bytes, source_ae: str | None, report: PullReport, name: str, source: str = "pull") -> None:
-        """Store one fetched instance, or add why not to `report` (`source` labels the metrics)."""
+    def add(self, data: bytes, source_ae: str | None, report: PullReport, name: str) -> None:
+        """Store one fetched instance, or add why not to `report`."""
         status, reason, _ = self.store(data, source_ae)
-        metrics.instance_received(source, source_ae, status, len(data))
+        metrics.instance_received("pull", source_ae, status, len(data))
         if status == Status.SUCCESS:
             report.stored += 1
         else:
