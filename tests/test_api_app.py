@@ -96,3 +96,11 @@ def test_stow_to_one_study_refuses_other_studies(settings: Settings, ct_dir: Pat
         "Content-Type": f'multipart/related; type="application/dicom+json"; boundary={boundary}'})
     assert r.status_code == 415 and "not supported" in r.json()["detail"]
     assert json.loads(client.get("/openapi.json").text)["paths"]["/dicomweb/studies"]["post"]
+
+
+def test_readyz_names_an_unreachable_broker_without_its_address(settings: Settings):
+    s = settings.model_copy(update={"broker_url": "redis://:secret@127.0.0.1:1/0"})
+    r = TestClient(create_app(s)).get("/readyz")
+    assert r.status_code == 503
+    broker = r.json()["checks"]["broker"]
+    assert broker["ok"] is False and "secret" not in broker["detail"] and "127.0.0.1" not in broker["detail"]

@@ -76,6 +76,12 @@ def _problem(status: int, detail: str) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status)
 
 
+def _failed(check: str, exc: Exception) -> dict[str, Any]:
+    """A failed readiness check: the error in the log, only its kind in the (unauthenticated) answer."""
+    log.warning("readiness: %s check failed: %s: %s", check, type(exc).__name__, exc)
+    return {"ok": False, "detail": f"{type(exc).__name__} (the node log has the details)"}
+
+
 def readiness(app: FastAPI) -> dict[str, Any]:
     """Each readiness check with ok and a message: database, broker, storage writable, a worker alive."""
     from db.migrate import current_revision
@@ -89,13 +95,13 @@ def readiness(app: FastAPI) -> dict[str, Any]:
         revision = current_revision(app.state.engine)
         checks["database"] = {"ok": revision == app.state.head, "detail": f"revision {revision}"}
     except Exception as exc:
-        checks["database"] = {"ok": False, "detail": f"{type(exc).__name__}: {exc}"[:300]}
+        checks["database"] = _failed("database", exc)
     try:
         with app.state.enqueuer.app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=3)
         checks["broker"] = {"ok": True, "detail": "reachable"}
     except Exception as exc:
-        checks["broker"] = {"ok": False, "detail": f"{type(exc).__name__}: {exc}"[:300]}
+        checks["broker"] = _failed("broker", exc)
     try:
         s.tmp_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=s.tmp_dir, prefix="ready-") as f:
@@ -110,7 +116,7 @@ def readiness(app: FastAPI) -> dict[str, Any]:
         workers = alive_workers_from(app)
         checks["workers"] = {"ok": bool(workers), "detail": f"{len(workers)} alive"}
     except Exception as exc:
-        checks["workers"] = {"ok": False, "detail": f"{type(exc).__name__}: {exc}"[:300]}
+        checks["workers"] = _failed("workers", exc)
     return checks
 
 
