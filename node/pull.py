@@ -52,9 +52,11 @@ class Ingest:
         else:
             report.failed.append((name, reason))
 
-    def store(self, data: bytes, source_ae: str | None) -> tuple[int, str, InstanceHeader | None]:
+    def store(self, data: bytes, source_ae: str | None,
+              study_uid: str | None = None) -> tuple[int, str, InstanceHeader | None]:
         """(DICOM status, reason, header) of storing one instance: validated header, durable file, then the row.
-        The header is None when the data is not a usable DICOM instance."""
+        With `study_uid`, an instance of another study is refused (0xA900). The header is None when the data
+        is not a usable DICOM instance."""
         if len(data) > self.max_bytes:
             return Status.TOO_LARGE, "instance larger than the configured maximum", None
         try:
@@ -63,6 +65,8 @@ class Ingest:
             return Status.INVALID_UID, str(exc), None
         except StorageError as exc:
             return Status.CANNOT_UNDERSTAND, str(exc), None
+        if study_uid is not None and header.study_uid != study_uid:
+            return Status.SOP_CLASS_MISMATCH, "instance belongs to another study than the request names", header
         status = self.receiver.persist(header, data, source_ae)
         if status == Status.SUCCESS:
             return status, "stored", header

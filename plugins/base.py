@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 API_VERSION = 1
 SUPPORTED_API_VERSIONS = frozenset({1})
@@ -23,6 +23,11 @@ _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 CONFIG_FILE = "config.json"  # in <models dir>/<plugin>/: overrides keys of the manifest's config
 ONNX_FILE = "model.onnx"  # in <models dir>/<plugin>/: the exported model for backend "onnx"
 
+
+
+def validation_problems(exc: ValidationError, root: str) -> str:
+    """pydantic's errors as one line: `key.sub: message; ...` (`root` names an error on the whole object)."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or root}: {e['msg']}" for e in exc.errors())
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)

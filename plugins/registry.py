@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from plugins.base import Manifest, Plugin, WeightsUnavailable
+from plugins.base import Manifest, Plugin, WeightsUnavailable, validation_problems
 
 ENTRY_POINT_GROUP = "radnode.plugins"
 log = logging.getLogger("radnode.plugins")
@@ -29,10 +29,6 @@ class Discovery:
     errors: dict[str, str] = field(default_factory=dict)
 
 
-def _first_error(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'manifest'}: {e['msg']}" for e in exc.errors())
-
-
 def discover() -> Discovery:
     """Read every manifest registered under `radnode.plugins`. Never raises for a bad plugin."""
     found = Discovery()
@@ -41,7 +37,7 @@ def discover() -> Discovery:
             obj = ep.load()
             manifest = obj if isinstance(obj, Manifest) else Manifest.model_validate(obj)
         except ValidationError as exc:
-            found.errors[ep.name] = f"invalid manifest: {_first_error(exc)}"
+            found.errors[ep.name] = f"invalid manifest: {validation_problems(exc, 'manifest')}"
         except Exception as exc:  # a third-party package may fail in any way on import
             found.errors[ep.name] = f"cannot load {ep.value}: {type(exc).__name__}: {exc}"
             log.error("plugin %s excluded: %s", ep.name, found.errors[ep.name], exc_info=True)

@@ -6,17 +6,29 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+from pydantic import BaseModel, ValidationError
 
-from plugins.base import Manifest, WeightsUnavailable
+from plugins.base import Manifest, WeightsUnavailable, validation_problems
+
+M = TypeVar("M", bound=BaseModel)
 
 
 def merged_config(manifest: Manifest, weights: Path | None) -> dict[str, Any]:
     """The manifest's `config` with `<models dir>/<plugin>/config.json` (beside the weights) applied.
     Raises WeightsUnavailable for a bad config.json."""
     return manifest.config_in(weights.parent if weights is not None else None)
+
+
+def validated_config(model: type[M], config: Mapping[str, Any], what: str) -> M:
+    """The merged configuration validated by `model`. Raises WeightsUnavailable naming `what` and each bad key
+    (a bad config.json makes the model unusable, never the node)."""
+    try:
+        return model.model_validate(config)
+    except ValidationError as exc:
+        raise WeightsUnavailable(f"{what} configuration is invalid: {validation_problems(exc, 'config')}") from exc
 
 
 def torch_device(device: str) -> Any:

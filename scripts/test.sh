@@ -66,6 +66,16 @@ if ! .venv/bin/docker-compose version 2>/dev/null | grep -q 'v2\.40\.3'; then
   rm -rf "$tmp"
 fi
 
+# 4c. Caddy for the proxy's Caddyfile test: the binary out of Debian's package, into the venv (installing the
+#     package would start a web server on port 80 where systemd runs).
+if [ ! -x .venv/bin/caddy ]; then
+  tmp=$(mktemp -d)
+  (cd "$tmp" && { apt-get download caddy 2>/dev/null || { $SUDO apt-get update -qq && apt-get download caddy; }; })
+  dpkg-deb -x "$tmp"/caddy_*.deb "$tmp/x"
+  install -m 755 "$tmp/x/usr/bin/caddy" .venv/bin/caddy
+  rm -rf "$tmp"
+fi
+
 # 5. The suite. Nothing may be fetched from a model hub at run time.
 export HF_HUB_OFFLINE=1
 export RADNODE_TEST_DATA=${RADNODE_TEST_DATA:-$ROOT/../shared/data}

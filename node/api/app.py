@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -108,7 +109,7 @@ def readiness(app: FastAPI) -> dict[str, Any]:
             f.write(b"ok")
             f.flush()
             os.fsync(f.fileno())
-        free = os.statvfs(s.data_path).f_bavail * os.statvfs(s.data_path).f_frsize
+        free = shutil.disk_usage(s.data_path).free
         checks["storage"] = {"ok": free > s.min_free_bytes, "detail": f"writable, {free // 1024**2} MiB free"}
     except OSError as exc:
         checks["storage"] = {"ok": False, "detail": f"not writable: {exc}"}

@@ -15,12 +15,11 @@ from starlette.concurrency import run_in_threadpool
 from node import metrics
 from node.api.auth import Writer
 from node.scp import Status
-from node.storage import InvalidUID, StorageError, is_valid_uid, read_header
+from node.storage import is_valid_uid
 
 log = logging.getLogger("radnode.stow")
 router = APIRouter(tags=["DICOMweb"])
 DICOM_JSON = "application/dicom+json"
-STUDY_MISMATCH = 0xA900  # PS3.18 Table 10.5.3-3: the instance is not in the study of the request URL
 
 
 @dataclass
@@ -110,18 +109,9 @@ def _store_part(request: Request, part: _Part, study_uid: str | None, index: int
     elif part.too_large:
         status, reason = Status.TOO_LARGE, "instance larger than the configured maximum"
     else:
-        try:
-            header = read_header(data)
+        status, reason, header = ingest.store(data, None, study_uid)
+        if header is not None:
             sop_class, sop_uid = header.sop_class_uid, header.sop_instance_uid
-        except InvalidUID as exc:
-            status, reason = Status.INVALID_UID, str(exc)
-        except StorageError as exc:
-            status, reason = Status.CANNOT_UNDERSTAND, str(exc)
-        else:
-            if study_uid is not None and header.study_uid != study_uid:
-                status, reason = STUDY_MISMATCH, "instance belongs to another study than the request URL names"
-            else:
-                status, reason, _ = ingest.store(data, None)
     metrics.instance_received("stow", None, status, part.size)
     if status == Status.SUCCESS:
         result.stored.append(_sop_item(sop_class, sop_uid))

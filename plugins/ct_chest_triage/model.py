@@ -36,7 +36,7 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from scipy.special import expit
 from torch import nn
 from torch.nn import functional as F
@@ -55,7 +55,7 @@ from plugins.base import (
 )
 from plugins.ct_chest_triage import FINDING_KEYS, FINDINGS, MISSING_SLICES, PATHOLOGY, PATHOLOGY_KEY
 from plugins.lungs import LUNG_MIN_ML, internal_air
-from plugins.torch_common import OnnxModel, autocast, load_weights, merged_config, torch_device
+from plugins.torch_common import OnnxModel, autocast, load_weights, merged_config, torch_device, validated_config
 
 # Body-part check, as the router's (node.imaging.check_lungs): plugins do not import node.
 MAX_AXIAL_TILT_COS = 0.7  # |slice normal . z| below this: not an axial series
@@ -108,11 +108,7 @@ class TriageConfig(BaseModel):
 
 def parse_config(config: dict[str, Any]) -> TriageConfig:
     """Validate the merged configuration. Raises WeightsUnavailable naming the bad keys."""
-    try:
-        return TriageConfig.model_validate(config)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
-        raise WeightsUnavailable(f"invalid ct-chest-triage configuration: {problems}") from exc
+    return validated_config(TriageConfig, config, "ct-chest-triage")
 
 
 # --- the network -----------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from plugins.base import (
     ONNX_FILE,
@@ -44,6 +44,7 @@ from plugins.torch_common import (
     load_weights,
     merged_config,
     torch_device,
+    validated_config,
 )
 
 log = logging.getLogger("radnode.plugins.ct-organ-seg")
@@ -114,11 +115,7 @@ def parse_config(manifest: Manifest, config: dict[str, Any]) -> OrganSegConfig:
     """Validate a merged configuration against the architecture's rules and the manifest's segments.
 
     Raises WeightsUnavailable naming the problem (a bad config.json makes the model unusable)."""
-    try:
-        parsed = OrganSegConfig.model_validate(config)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
-        raise WeightsUnavailable(f"{manifest.name} configuration is invalid: {problems}") from exc
+    parsed = validated_config(OrganSegConfig, config, manifest.name)
     declared = {s.label for s in manifest.segments}
     undeclared = [label for label in parsed.labels if label not in declared]
     if undeclared:

@@ -27,14 +27,22 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from plugins.base import ONNX_FILE, Classification, Findings, Heatmap, Image, Manifest, Plugin, WeightsUnavailable
 from plugins.cxr_foundation import FINDINGS
 from plugins.cxr_foundation.heads import HeadsFile, load_heads, sigmoid
 from plugins.registry import sha256_file
-from plugins.torch_common import OnnxModel, autocast, export_onnx, load_weights, merged_config, torch_device
+from plugins.torch_common import (
+    OnnxModel,
+    autocast,
+    export_onnx,
+    load_weights,
+    merged_config,
+    torch_device,
+    validated_config,
+)
 from plugins.xray import Letterbox, grid_to_image, letterbox, normalise
 
 OUTPUTS = ("tokens", "penultimate_tokens", "logits", "patch_logits")  # the network's (and the ONNX graph's)
@@ -95,13 +103,8 @@ class FoundationConfig(BaseModel):
 
 def read_config(manifest: Manifest, weights: Path | None) -> FoundationConfig:
     """The merged configuration, validated. Raises WeightsUnavailable (a bad config.json)."""
-    config = merged_config(manifest, weights)
-    try:
-        return FoundationConfig.model_validate(config)
-    except ValidationError as exc:
-        where = weights.parent / "config.json" if weights is not None else "the manifest"
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
-        raise WeightsUnavailable(f"configuration ({where}) is invalid: {problems}") from exc
+    where = weights.parent / "config.json" if weights is not None else "the manifest"
+    return validated_config(FoundationConfig, merged_config(manifest, weights), f"{manifest.name} ({where})")
 
 
 # --- preprocessing -------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import numpy as np
 import timm
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from timm.models.vision_transformer import VisionTransformer
 
 from plugins.base import (
@@ -44,7 +44,15 @@ from plugins.base import (
     WeightsUnavailable,
 )
 from plugins.cxr_pneumonia import HEATMAP, PNEUMONIA
-from plugins.torch_common import OnnxModel, autocast, export_onnx, load_weights, merged_config, torch_device
+from plugins.torch_common import (
+    OnnxModel,
+    autocast,
+    export_onnx,
+    load_weights,
+    merged_config,
+    torch_device,
+    validated_config,
+)
 from plugins.xray import Letterbox, heatmap_to_image, letterbox, normalise  # noqa: F401  (re-exported)
 
 POSITIVE_CLASS = "PNEUMONIA"
@@ -88,11 +96,7 @@ class CxrConfig(BaseModel):
 
 def read_config(config: dict[str, Any]) -> CxrConfig:
     """Validate a merged configuration. Raises WeightsUnavailable naming the bad keys."""
-    try:
-        return CxrConfig.model_validate(config)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
-        raise WeightsUnavailable(f"cxr-pneumonia configuration is not usable: {problems}") from None
+    return validated_config(CxrConfig, config, "cxr-pneumonia")
 
 
 # --- pre-process -------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from plugins.base import (
@@ -38,7 +38,15 @@ from plugins.base import (
     Segmentation,
     WeightsUnavailable,
 )
-from plugins.torch_common import OnnxModel, autocast, export_onnx, load_weights, merged_config, torch_device
+from plugins.torch_common import (
+    OnnxModel,
+    autocast,
+    export_onnx,
+    load_weights,
+    merged_config,
+    torch_device,
+    validated_config,
+)
 from plugins.us_prostate_seg import AREA, HEATMAP, PROSTATE
 from plugins.us_prostate_seg.preprocess import (
     Letterbox,
@@ -146,12 +154,7 @@ class ProstateSegmenter(Plugin):
         """Validate the merged config and load the network: `weights` (safetensors) for backend "torch",
         `model.onnx` beside it for backend "onnx". Raises WeightsUnavailable for a bad config.json, a
         missing file, or weights that do not fit the configured architecture."""
-        raw = merged_config(self.manifest, weights)
-        try:
-            self.config = ModelConfig.model_validate(raw)
-        except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            raise WeightsUnavailable(f"{self.manifest.name} config: {problems}") from exc
+        self.config = validated_config(ModelConfig, merged_config(self.manifest, weights), self.manifest.name)
         self._device = torch_device(device)
         self._net, self._onnx = None, None
         if self.config.backend == "onnx":
