@@ -24,7 +24,7 @@ ROWS = (
     ("LAA950", "%", "laa950_percent"),
     ("PERC15", "HU", "perc15_hu"),
 )
-SEGMENTS = (("right lung", "right"), ("left lung", "left"), (None, "total"))
+SEGMENTS = (("right lung", "right"), ("left lung", "left"), ("both lungs", "total"))
 
 
 class DemoError(RuntimeError):

@@ -237,10 +237,14 @@ class Measurement:
 
 @dataclass(frozen=True)
 class Heatmap:
-    """A float map in [0, 1] aligned with `Image.pixels` (spatial shape)."""
+    """A float map in [0, 1] aligned with `Image.pixels` (spatial shape). `quantity` says what the values
+    measure (shown on the colour bar, e.g. "probability of prostate"); `unit` is "1" (values 0-1 shown as
+    they are) or "%" (a fraction, shown as 0-100 %)."""
 
     name: str
     values: np.ndarray
+    quantity: str = "relative saliency"
+    unit: Literal["1", "%"] = "1"
 
 
 @dataclass

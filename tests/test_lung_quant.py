@@ -20,6 +20,7 @@ from node.results.common import Provenance
 from node.results.outputs import read_sources, write_outputs
 from plugins.base import Findings, Image, SourceRef
 from plugins.lung_quant import (
+    BOTH_LUNGS,
     LAA_950,
     LEFT_LUNG,
     LOW_ATTENUATION,
@@ -120,9 +121,9 @@ def test_sharp_kernels():
 def test_chest_ct_volumes(chest: Case):
     assert chest.findings.not_applicable is None
     chest.findings.validate(MANIFEST, chest.image)
-    right, left, total = (chest.value("volume", s) for s in (RIGHT_LUNG, LEFT_LUNG, None))
+    right, left, total = (chest.value("volume", s) for s in (RIGHT_LUNG, LEFT_LUNG, BOTH_LUNGS))
     print(f"right {right} mL, left {left} mL, total {total} mL, run {chest.seconds:.2f} s")
-    for segment in (RIGHT_LUNG, LEFT_LUNG, None):
+    for segment in (RIGHT_LUNG, LEFT_LUNG, BOTH_LUNGS):
         print(segment, {k: chest.value(k, segment) for k in CONCEPTS})
     assert 1000 <= left <= 4000 and 1000 <= right <= 4000
     assert 2500 <= total <= 8000
@@ -131,7 +132,7 @@ def test_chest_ct_volumes(chest: Case):
     voxel_ml = float(np.prod(chest.image.spacing)) / 1000.0
     assert right == pytest.approx(np.count_nonzero(chest.mask(RIGHT_LUNG)) * voxel_ml, abs=0.1)
     assert not (chest.mask(RIGHT_LUNG) & chest.mask(LEFT_LUNG)).any()
-    for segment in (RIGHT_LUNG, LEFT_LUNG, None):
+    for segment in (RIGHT_LUNG, LEFT_LUNG, BOTH_LUNGS):
         assert -950 < chest.value("mld", segment) < -700
         assert 0 <= chest.value("laa", segment) <= 100
         assert chest.value("perc15", segment) < chest.value("mld", segment)
@@ -229,7 +230,7 @@ def test_chest_ct_heatmap_and_low_attenuation(chest: Case):
     assert heat.values.min() >= 0 and heat.values.max() <= 1 and not heat.values[~lungs].any()
     laa = chest.mask(LOW_ATTENUATION)
     assert not (laa & ~lungs).any() and (chest.image.pixels[laa] < -950).all()
-    assert np.count_nonzero(laa) / np.count_nonzero(lungs) * 100 == pytest.approx(chest.value("laa", None), abs=0.01)
+    assert np.count_nonzero(laa) / np.count_nonzero(lungs) * 100 == pytest.approx(chest.value("laa", BOTH_LUNGS), abs=0.01)
 
 
 def test_chest_ct_outputs_are_valid_dicom(chest: Case, tmp_path: Path):
@@ -260,7 +261,7 @@ def _labels_as_loaded(truth: phantom.Phantom, image: Image) -> np.ndarray:
 
 def _check_against_truth(truth: phantom.Phantom, case: Case) -> None:
     case.findings.validate(MANIFEST, case.image)
-    for segment, lung in ((RIGHT_LUNG, truth.right), (LEFT_LUNG, truth.left), (None, truth.total)):
+    for segment, lung in ((RIGHT_LUNG, truth.right), (LEFT_LUNG, truth.left), (BOTH_LUNGS, truth.total)):
         volume, laa = case.value("volume", segment), case.value("laa", segment)
         print(f"{segment or 'total'}: volume {volume} vs {lung.volume_ml:.1f} mL "
               f"({100 * (volume / lung.volume_ml - 1):+.2f}%), LAA-950 {laa} vs {lung.laa950_percent:.2f}%, "
@@ -303,7 +304,7 @@ def test_phantom_without_emphysema_has_no_low_attenuation_segment(tmp_path: Path
     case = run(truth.paths)
     assert truth.total.laa950_percent < 0.01
     assert LOW_ATTENUATION not in {s.segment for s in case.findings.segmentations}
-    assert case.value("laa", None) < 0.01
+    assert case.value("laa", BOTH_LUNGS) < 0.01
     for path in write(case, tmp_path / "out"):
         if path.suffix == ".dcm":
             assert_valid(path)

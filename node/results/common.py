@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import highdicom as hd
 from pydicom import config
 from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
 from pydicom.valuerep import validate_value
 
 from node import __version__
@@ -85,6 +86,59 @@ def drop_incomplete_references(ds: Dataset) -> None:
             del ds[keyword]
 
 
+# Lossy Image Compression Method (0028,2114) Defined Terms for the lossy transfer syntaxes a source may arrive in.
+_LOSSY_METHODS = {
+    "1.2.840.10008.1.2.4.50": "ISO_10918_1",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51": "ISO_10918_1",  # JPEG Extended
+    "1.2.840.10008.1.2.4.81": "ISO_14495_1",  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.91": "ISO_15444_1",  # JPEG 2000
+    "1.2.840.10008.1.2.4.93": "ISO_15444_15",  # HTJ2K
+    "1.2.840.10008.1.2.4.203": "ISO_15444_15",  # HTJ2K
+    "1.2.840.10008.1.2.4.100": "ISO_13818_2",  # MPEG2
+    "1.2.840.10008.1.2.4.101": "ISO_13818_2",
+    "1.2.840.10008.1.2.4.102": "ISO_14496_10",  # H.264
+    "1.2.840.10008.1.2.4.103": "ISO_14496_10",
+    "1.2.840.10008.1.2.4.104": "ISO_14496_10",
+    "1.2.840.10008.1.2.4.105": "ISO_14496_10",
+    "1.2.840.10008.1.2.4.106": "ISO_14496_10",
+    "1.2.840.10008.1.2.4.107": "ISO_23008_2",  # HEVC
+    "1.2.840.10008.1.2.4.108": "ISO_23008_2",
+}
+
+
+def complete_lossy_compression(ds: Dataset, sources: list[Dataset]) -> None:
+    """Lossy Image Compression of a derived object: "01" when a source was lossy compressed (its own
+    attribute says so, or it arrived in a lossy transfer syntax), with the Method (Type 1C) and Ratio taken
+    from the source or, for the method, from the source's transfer syntax. Where the source says "01" but no
+    method can be known, the method stays absent (inventing one would misinform)."""
+    methods: list[str] = []
+    ratios: list[str] = []
+    lossy = ds.get("LossyImageCompression") == "01"
+    for source in sources:
+        syntax = str(getattr(getattr(source, "file_meta", None), "TransferSyntaxUID", "") or "")
+        from_syntax = _LOSSY_METHODS.get(syntax)
+        if source.get("LossyImageCompression") == "01" or from_syntax:
+            lossy = True
+            methods += [str(v) for v in _values(source.get("LossyImageCompressionMethod"))] or (
+                [from_syntax] if from_syntax else []
+            )
+            ratios += [str(v) for v in _values(source.get("LossyImageCompressionRatio"))]
+    if not lossy:
+        return
+    ds.LossyImageCompression = "01"
+    if methods and "LossyImageCompressionMethod" not in ds:
+        ds.LossyImageCompressionMethod = list(dict.fromkeys(methods))
+        if ratios and len(ratios) == len(ds.LossyImageCompressionMethod):
+            ds.LossyImageCompressionRatio = ratios
+
+
+def _values(value) -> list:
+    if value is None or value == "":
+        return []
+    return list(value) if isinstance(value, (list, tuple)) or hasattr(value, "__iter__") and not isinstance(
+        value, (str, bytes)) else [value]
+
+
 def declare_private_schemes(ds: Dataset) -> None:
     """Add a Coding Scheme Identification item for every private coding scheme (designator "99...")
     the object's codes use, so a reader can tell where a code such as 99RADNODE LAA950 comes from."""
@@ -119,9 +173,30 @@ def derive_uid(source_series_uid: str, plugin: str, plugin_version: str, kind: s
     return "2.25." + str(int.from_bytes(hashlib.sha256(key).digest()[:16], "big"))
 
 
-def series_number(plugin: str, kind: str) -> int:
-    """A stable SeriesNumber per (plugin, kind) in 9000-9999, never random."""
-    return 9000 + (zlib.crc32(plugin.encode()) % 300) * 3 + KINDS.index(kind)
+def series_number(plugin: str, kind: str, source: Dataset | None = None) -> int:
+    """A stable SeriesNumber per (plugin, kind, source series), never random: 9000-9899 names the plugin and
+    kind, and the source series number (0-99999) leads, so the results of source series 3 are 3xxxx and those
+    of series 4 are 4xxxx. A source without a usable SeriesNumber gives the bare 9000-9899."""
+    base = 9000 + (zlib.crc32(plugin.encode()) % 300) * 3 + KINDS.index(kind)
+    number = _source_series_number(source)
+    return base if number is None else number * 10000 + base
+
+
+def _source_series_number(source: Dataset | None) -> int | None:
+    try:
+        number = int(source.get("SeriesNumber")) if source is not None else None
+    except (TypeError, ValueError):
+        return None
+    return number if number is not None and 0 <= number <= 99999 else None
+
+
+def _ascii(text: str) -> str:
+    """`text` with anything outside printable ASCII replaced, so that it needs no Specific Character Set."""
+    return "".join(c if " " <= c <= "~" and c != "\\" else "?" for c in text)
+
+
+# Contributing Equipment (IHE AI Results): the algorithm is the processing equipment, CID 7005.
+PROCESSING_EQUIPMENT = codes.DCM.ProcessingEquipment
 
 
 @dataclass(frozen=True)
@@ -138,9 +213,47 @@ class Provenance:
     def software_versions(self) -> str:
         return f"radnode {__version__}; {self.manifest.name} {self.manifest.version}"
 
-    def series_description(self, kind: str) -> str:
-        """SeriesDescription of an output series: says it is AI-generated and by which model (<= 64 chars)."""
-        return f"AI-generated {kind} - {self.manifest.name} {self.manifest.version}"[:64]
+    def series_description(self, kind: str, source: Dataset | None = None) -> str:
+        """SeriesDescription of an output series (<= 64 characters, ASCII): says it is AI-generated, by which
+        model, and of which source series (its number and description), e.g.
+        "AI-generated lung-quant 1.0.0 SEG - src 3 B40f", so two source series of a study give two names."""
+        text = f"AI-generated {self.manifest.name} {self.manifest.version} {kind}"
+        if source is not None:
+            number = _source_series_number(source)
+            described = _ascii(str(source.get("SeriesDescription") or "").strip())
+            origin = " ".join(x for x in (str(number) if number is not None else "", described) if x)
+            if origin:
+                text += f" - src {origin}"
+        return text[:64].rstrip()
 
     def uid(self, source_series_uid: str, kind: str, index: int | str) -> str:
         return derive_uid(source_series_uid, self.manifest.name, self.manifest.version, kind, index)
+
+    @property
+    def device_uid(self) -> str:
+        """The algorithm as a device (this node's serial + plugin name and version): the same on every output."""
+        return derive_uid(self.device_serial_number, self.manifest.name, self.manifest.version, "device", 0)
+
+    def contributing_equipment(self) -> Dataset:
+        """A Contributing Equipment item for the algorithm, per the IHE AI Results profile: purpose of reference
+        DCM 109102 "Processing Equipment" (CID 7005 has no narrower code), manufacturer, model name = plugin,
+        software version = plugin version, Device UID from plugin name + version."""
+        item = hd.ContributingEquipment(
+            manufacturer=self.manufacturer,
+            purpose_of_reference=PROCESSING_EQUIPMENT,
+            manufacturer_model_name=self.manifest.name,
+            software_versions=self.manifest.version,
+            device_serial_number=self.device_serial_number,
+            institution_name=self.institution_name,
+            contribution_description=_ascii(
+                f"Processing Algorithm: {self.manifest.title or self.manifest.name} {self.manifest.version}, "
+                f"run by radnode {__version__}"
+            )[:1024],
+        )
+        item.DeviceUID = self.device_uid
+        return item
+
+    def add_contributing_equipment(self, ds: Dataset) -> None:
+        """Append the algorithm to the object's Contributing Equipment Sequence (after any copied from a source)."""
+        items = [it for it in ds.get("ContributingEquipmentSequence", []) if it.get("DeviceUID") != self.device_uid]
+        ds.ContributingEquipmentSequence = [*items, self.contributing_equipment()]

@@ -7,13 +7,15 @@ from typing import Any
 
 import highdicom as hd
 import numpy as np
+from scipy import ndimage
 from PIL import Image as PILImage
 from PIL import ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian
 
-from node.results.common import Provenance, series_number
+from node.results.common import Provenance, complete_lossy_compression, series_number
+from node.results.seg import segment_colours
 from plugins.base import Findings, Heatmap, Image
 
 DISCLAIMER = "AI-generated - not for primary diagnosis"
@@ -66,8 +68,99 @@ def encode_sc(
                 raise ValueError(f"source instance of {image.kind} index {index} is not among the given sources")
             layer = heat if image.kind == "image2d" else heat[index]
             rgb = _render(_background(image, index, ds), layer, heatmap, prov)
-            out.append(_sc(rgb, ds, image, index, heatmap, prov, source_series_uid, len(out) + 1))
+            description = (
+                f"Heatmap '{heatmap.name}' ({heatmap.quantity}) of {prov.manifest.name} {prov.manifest.version} "
+                "blended in colour over the source image; colour bar and AI-generated notice in a band below it"
+            )
+            out.append(_sc(rgb, ds, image, index, heatmap.name, description, prov, source_series_uid, len(out) + 1))
+    if findings.segmentations and "SEG" in prov.manifest.outputs and not _has_patient_geometry(image, sources):
+        out += _outlines(findings, image, sources, prov, source_series_uid, max_images, len(out))
     return out
+
+
+# Normalised body parts (node.rules.BODY_PARTS) that are unpaired structures and BodyPartExamined Defined Terms.
+_UNPAIRED_BODY_PARTS = frozenset({"CHEST", "HEAD", "NECK", "ABDOMEN", "PELVIS", "PROSTATE", "HEART", "WHOLEBODY"})
+
+
+def _laterality(sc: Dataset, ds: Dataset, image: Image) -> None:
+    """General Series Laterality is Type 2C: required for a paired body part unless Image Laterality is sent.
+    The source's Laterality or Image Laterality when it has one; else its BodyPartExamined, or the unpaired
+    body part radnode recognised, which makes Laterality not required (left out); else empty (unknown)."""
+    if "Laterality" in sc:
+        del sc.Laterality
+    if ds.get("Laterality") in ("R", "L"):
+        sc.Laterality = ds.Laterality
+        return
+    if ds.get("ImageLaterality") in ("R", "L", "U", "B"):
+        sc.ImageLaterality = ds.ImageLaterality
+        return
+    examined = str(ds.get("BodyPartExamined") or "").strip()
+    if not examined and len(image.body_parts) == 1 and next(iter(image.body_parts)) in _UNPAIRED_BODY_PARTS:
+        examined = next(iter(image.body_parts))
+    if examined:
+        sc.BodyPartExamined = examined[:16]
+    else:
+        sc.Laterality = None
+
+
+def _has_patient_geometry(image: Image, sources: Mapping[str, Dataset]) -> bool:
+    """Whether the source images have a frame of reference, so that viewers can overlay a SEG on them."""
+    return all("FrameOfReferenceUID" in sources.get(s.sop_instance_uid, ()) for s in image.sources[:1])
+
+
+def _outlines(findings: Findings, image: Image, sources: Mapping[str, Dataset], prov: Provenance,
+              source_series_uid: str, max_images: int, first: int) -> list[Dataset]:
+    """Mask outlines burned on the source frames, for sources without patient geometry (ultrasound, most
+    X-ray): a PACS or viewer that cannot overlay the SEG shows these. The max_images frames with the largest
+    segmented area; each segment in its SEG display colour, named in the band below the image."""
+    specs = {s.label: s for s in prov.manifest.segments}
+    ordered = [specs[seg.segment] for seg in findings.segmentations if seg.segment in specs]
+    colours = dict(zip([s.label for s in ordered], segment_colours(ordered), strict=True))
+    spatial = image.pixels.shape[:2] if image.kind == "image2d" else image.pixels.shape[:3]
+    masks = [(seg.segment, np.asarray(seg.mask, dtype=bool)) for seg in findings.segmentations
+             if seg.segment in colours and seg.mask.shape == spatial]
+    if not masks:
+        return []
+    area = sum(m.astype(np.float32) for _, m in masks)
+    out: list[Dataset] = []
+    for index in _strongest(area, image.kind, max_images):
+        ref = image.sources[index]
+        ds = sources.get(ref.sop_instance_uid)
+        if ds is None:
+            raise ValueError(f"source instance of {image.kind} index {index} is not among the given sources")
+        rgb = np.clip(np.round(_background(image, index, ds) * 255.0), 0, 255).astype(np.uint8)
+        shown = []
+        for label, mask in masks:
+            layer = mask if image.kind == "image2d" else mask[index]
+            if layer.any():
+                rgb[_outline(layer)] = colours[label]
+                shown.append(label)
+        lines = [DISCLAIMER, f"{prov.manifest.name} {prov.manifest.version} - segmentation outline"]
+
+        def legend(canvas: PILImage.Image, draw: ImageDraw.ImageDraw, y: int, margin: int, font,
+                   shown: list[str] = shown) -> int:
+            x = margin
+            for label in shown:
+                size = int(font.size)
+                draw.rectangle((x, y, x + size, y + size), fill=colours[label], outline=(255, 255, 255))
+                _text(draw, (x + size + margin, y), label, font)
+                x += size + 2 * margin + int(draw.textlength(label, font=font)) + size
+            return y + int(font.size * 1.25)
+
+        description = (
+            f"Outline of the segments ({', '.join(shown)}) found by {prov.manifest.name} {prov.manifest.version} "
+            "burned on the source image; legend and AI-generated notice in a band below it"
+        )[:1024]
+        out.append(_sc(_with_band(rgb, lines, legend, extra_lines=1), ds, image, index, "outline", description,
+                       prov, source_series_uid, first + len(out) + 1))
+    return out
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """The boundary pixels of a 2-D mask, about 1/200 of the image wide (at least 1 pixel)."""
+    width = max(1, round(min(mask.shape) / 200))
+    inner = ndimage.binary_erosion(mask, iterations=width, border_value=0)
+    return mask & ~inner
 
 
 def _strongest(heat: np.ndarray, kind: str, count: int) -> list[int]:
@@ -116,28 +209,47 @@ def _colour(values: np.ndarray) -> np.ndarray:
 
 
 def _render(background: np.ndarray, heat: np.ndarray, heatmap: Heatmap, prov: Provenance) -> np.ndarray:
-    """Blend the heatmap over the background, then burn in the legend and the texts: RGB uint8."""
+    """Blend the heatmap over the background, then add a band below the image with the AI notice, the model,
+    and a colour bar labelled with the heatmap's quantity and unit: RGB uint8, (h + band, w, 3). The band is
+    outside the source image, so it never covers text the scanner burned in."""
     alpha = np.where(heat >= HEAT_THRESHOLD, ALPHA_MAX * heat, 0.0)[..., np.newaxis]
     blended = (1.0 - alpha) * background + alpha * _colour(heat)
     rgb = np.clip(np.round(blended * 255.0), 0, 255).astype(np.uint8)
-    h, w = heat.shape
+    top = "100 %" if heatmap.unit == "%" else "1"
+    quantity = f"{heatmap.quantity} ({'%' if heatmap.unit == '%' else 'no unit'})"
+    lines = [DISCLAIMER, f"{prov.manifest.name} {prov.manifest.version} - heatmap: {heatmap.name}", quantity]
+
+    def legend(canvas: PILImage.Image, draw: ImageDraw.ImageDraw, y: int, margin: int, font) -> int:
+        width = canvas.width - 2 * margin
+        bar_h = max(6, int(font.size))
+        ramp = np.round(_colour(np.linspace(0.0, 1.0, width)) * 255.0).astype(np.uint8)
+        canvas.paste(PILImage.fromarray(np.repeat(ramp[np.newaxis], bar_h, axis=0), mode="RGB"), (margin, y))
+        draw.rectangle((margin - 1, y - 1, margin + width, y + bar_h), outline=(255, 255, 255))
+        y += bar_h + max(2, bar_h // 4)
+        _text(draw, (margin, y), "0", font)
+        _text(draw, (margin + width - int(draw.textlength(top, font=font)), y), top, font)
+        return y + int(font.size * 1.25)
+
+    return _with_band(rgb, lines, legend, extra_lines=2)
+
+
+def _with_band(rgb: np.ndarray, lines: list[str], legend, extra_lines: int = 0) -> np.ndarray:
+    """`rgb` with a black band below it holding `lines` (white, outlined) and what `legend(canvas, draw, y,
+    margin, font)` draws after them (`extra_lines` lines high); the band is as tall as its content."""
+    h, w = rgb.shape[:2]
     margin = max(3, min(h, w) // 64)
-    # legend: a vertical bar at the right edge, value 1 at the top, 0 at the bottom
-    bar_w, bar_h = max(6, w // 40), max(16, h // 3)
-    x1, y0 = w - margin - bar_w, (h - bar_h) // 2
-    ramp = _colour(np.linspace(1.0, 0.0, bar_h))
-    rgb[y0 : y0 + bar_h, x1 : x1 + bar_w] = np.round(ramp * 255.0).astype(np.uint8)[:, np.newaxis, :]
-    canvas = PILImage.fromarray(rgb, mode="RGB")
-    draw = ImageDraw.Draw(canvas)
-    draw.rectangle((x1 - 1, y0 - 1, x1 + bar_w, y0 + bar_h), outline=(255, 255, 255))
-    lines = [DISCLAIMER, f"{prov.manifest.name} {prov.manifest.version}"]
-    font = _font(draw, lines, max(11, min(h, w) // 28), w - 2 * margin)
+    probe = ImageDraw.Draw(PILImage.new("RGB", (1, 1)))
+    font = _font(probe, lines, max(11, min(h, w) // 36), w - 2 * margin)
     step = int(font.size * 1.25)
-    for k, line in enumerate(lines):
-        _text(draw, (margin, margin + k * step), line, font)
-    _text(draw, (margin, h - margin - step), f"heatmap: {heatmap.name}", font)
-    for label, y in (("1.0", y0), ("0.0", y0 + bar_h - font.size)):
-        _text(draw, (x1 - margin - int(draw.textlength(label, font=font)), y), label, font)
+    band = 2 * margin + step * (len(lines) + extra_lines) + margin
+    canvas = PILImage.new("RGB", (w, h + band), (0, 0, 0))
+    canvas.paste(PILImage.fromarray(rgb, mode="RGB"), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    y = h + margin
+    for line in lines:
+        _text(draw, (margin, y), line, font)
+        y += step
+    legend(canvas, draw, y, margin, font)
     return np.asarray(canvas, dtype=np.uint8)
 
 
@@ -161,7 +273,8 @@ def _sc(
     ds: Dataset,
     image: Image,
     index: int,
-    heatmap: Heatmap,
+    key: str,
+    description: str,
     prov: Provenance,
     source_series_uid: str,
     instance_number: int,
@@ -173,21 +286,22 @@ def _sc(
         pixel_spacing = (float(image.spacing[1]), float(image.spacing[2]))
     orientation = _patient_orientation(image, ds)
     sc = hd.sc.SCImage.from_ref_dataset(
+        contributing_equipment=[prov.contributing_equipment()],
         ref_dataset=ds,
         pixel_array=rgb,
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
         series_instance_uid=prov.uid(source_series_uid, "SC", "series"),
-        series_number=series_number(plugin, "SC"),
-        sop_instance_uid=prov.uid(source_series_uid, "SC", f"{heatmap.name}:{index}"),
+        series_number=series_number(plugin, "SC", ds),
+        sop_instance_uid=prov.uid(source_series_uid, "SC", f"{key}:{index}"),
         instance_number=instance_number,
         manufacturer=prov.manufacturer,
         pixel_spacing=pixel_spacing,
         # highdicom requires an orientation for PATIENT; an unknown one is emptied below (Type 2)
         patient_orientation=orientation or ("L", "P"),
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        series_description=prov.series_description("SC"),
+        series_description=prov.series_description("SC", ds),
         manufacturer_model_name=prov.model_name,
         software_versions=prov.software_versions,
         device_serial_number=prov.device_serial_number,
@@ -195,13 +309,10 @@ def _sc(
     )
     if orientation is None:
         sc.PatientOrientation = None
-    # General Series Laterality is Type 2C: the source's when it has one, else empty (unknown)
-    sc.Laterality = ds.get("Laterality") if ds.get("Laterality") in ("R", "L") else None
+    _laterality(sc, ds, image)
     sc.BurnedInAnnotation = "YES"
-    sc.DerivationDescription = (
-        f"Heatmap '{heatmap.name}' of {plugin} {prov.manifest.version} blended in colour over the source "
-        "image; colour legend and AI-generated notice burned in"
-    )
+    complete_lossy_compression(sc, [ds])
+    sc.DerivationDescription = description
     ref = image.sources[index]
     item = Dataset()
     item.ReferencedSOPClassUID = ref.sop_class_uid

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import zlib
 from collections.abc import Mapping
 
 import highdicom as hd
@@ -15,6 +16,7 @@ from pydicom.uid import UltrasoundImageStorage, UltrasoundMultiFrameImageStorage
 from node.results.common import (
     Provenance,
     coded,
+    complete_lossy_compression,
     declare_private_schemes,
     drop_incomplete_references,
     series_number,
@@ -24,6 +26,50 @@ from plugins.base import Findings, Image, SegmentSpec
 
 # CID 7162 "Surface Processing Algorithm Families": (123110, DCM, "Artificial Intelligence").
 ALGORITHM_FAMILY = codes.cid7162.ArtificialIntelligence
+
+# Recommended display colour per segmented property type (SNOMED CT code -> sRGB), written as
+# RecommendedDisplayCIELabValue. Paired organs get clearly different colours (left blue, right amber), findings
+# warm colours. A type not listed takes the first colour of FALLBACK_COLOURS, from the position its code hashes
+# to, that no earlier segment of the same SEG uses: stable per type, distinct within a SEG.
+SEGMENT_COLOURS: dict[tuple[str, str], tuple[int, int, int]] = {
+    ("SCT", "39607008"): (197, 165, 145),  # Lung
+    ("SCT", "44029006"): (70, 130, 255),  # Left lung
+    ("SCT", "3341006"): (255, 190, 60),  # Right lung
+    ("SCT", "87433001"): (230, 40, 40),  # Pulmonary emphysema
+    ("SCT", "41216001"): (0, 200, 120),  # Prostate
+    ("SCT", "10200004"): (221, 130, 101),  # Liver
+    ("SCT", "78961009"): (157, 108, 162),  # Spleen
+    ("SCT", "9846003"): (255, 150, 40),  # Right kidney
+    ("SCT", "18639004"): (60, 160, 255),  # Left kidney
+    ("SCT", "28231008"): (139, 150, 98),  # Gallbladder
+    ("SCT", "32849002"): (211, 171, 143),  # Esophagus
+    ("SCT", "69695003"): (216, 132, 105),  # Stomach
+    ("SCT", "15825003"): (224, 97, 76),  # Aorta
+    ("SCT", "64131007"): (0, 151, 206),  # Inferior vena cava
+    ("SCT", "110765007"): (0, 112, 165),  # Portal vein and splenic vein
+    ("SCT", "15776009"): (249, 180, 111),  # Pancreas
+    ("SCT", "29392005"): (255, 220, 100),  # Right adrenal gland
+    ("SCT", "12003004"): (100, 200, 255),  # Left adrenal gland
+    ("SCT", "272673000"): (241, 214, 145),  # Bone
+}
+FALLBACK_COLOURS: tuple[tuple[int, int, int], ...] = (
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40),
+)  # fmt: skip
+
+
+def segment_colours(specs: list[SegmentSpec]) -> list[tuple[int, int, int]]:
+    """The display colour (sRGB) of each segment, in order: SEGMENT_COLOURS by type, else a fallback colour
+    not yet used in this list."""
+    used: list[tuple[int, int, int]] = []
+    for spec in specs:
+        colour = SEGMENT_COLOURS.get((spec.type.scheme, spec.type.value))
+        if colour is None or colour in used:
+            start = zlib.crc32(f"{spec.type.scheme}:{spec.type.value}".encode()) % len(FALLBACK_COLOURS)
+            ring = FALLBACK_COLOURS[start:] + FALLBACK_COLOURS[:start]
+            colour = next((c for c in ring if c not in used), ring[0])
+        used.append(colour)
+    return used
 
 
 def segment_numbers(findings: Findings) -> dict[str, int]:
@@ -74,7 +120,11 @@ def encode_seg(
     algorithm = hd.AlgorithmIdentificationSequence(
         name=manifest.name, family=ALGORITHM_FAMILY, version=manifest.version, source=prov.manufacturer
     )
-    descriptions = [_description(numbers[seg.segment], specs[seg.segment], algorithm) for seg in findings.segmentations]
+    ordered = [specs[seg.segment] for seg in findings.segmentations]
+    descriptions = [
+        _description(numbers[spec.label], spec, algorithm, colour)
+        for spec, colour in zip(ordered, segment_colours(ordered), strict=True)
+    ]
     # highdicom (0.28) takes several frames only with a frame of reference; an ordinary US cine has none:
     # encode its first covered frame, then repeat that frame's functional groups for the other frames.
     spread = (
@@ -98,19 +148,22 @@ def encode_seg(
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
         series_instance_uid=prov.uid(source_series_uid, "SEG", "series"),
-        series_number=series_number(manifest.name, "SEG"),
+        series_number=series_number(manifest.name, "SEG", source_images[0]),
         sop_instance_uid=prov.uid(source_series_uid, "SEG", 0),
         instance_number=1,
         manufacturer=prov.manufacturer,
         manufacturer_model_name=prov.model_name,
         software_versions=prov.software_versions,
         device_serial_number=prov.device_serial_number,
-        content_description=prov.series_description("SEG"),
+        content_description=prov.series_description("SEG", source_images[0]),
         omit_empty_frames=bool(stacked.any()) and not spread,  # all empty: keep the frames, never write none
     )
     if spread:
         _spread_over_frames(seg, stacked, str(single.SOPInstanceUID))
-    seg.SeriesDescription = prov.series_description("SEG")
+    seg.SeriesDescription = prov.series_description("SEG", source_images[0])
+    seg.ContentCreatorName = None  # Type 2: created by an algorithm (Contributing Equipment), not by a person
+    prov.add_contributing_equipment(seg)
+    complete_lossy_compression(seg, [sources[s.sop_instance_uid] for s in image.sources[:1]])
     drop_incomplete_references(seg)
     declare_private_schemes(seg)
     if "FrameOfReferenceUID" not in seg:  # General Image: Patient Orientation (Type 2C) without a frame of reference
@@ -199,9 +252,10 @@ def _source_images(image: Image, sources: Mapping[str, Dataset], n_frames: int) 
 
 
 def _description(
-    number: int, spec: SegmentSpec, algorithm: hd.AlgorithmIdentificationSequence
+    number: int, spec: SegmentSpec, algorithm: hd.AlgorithmIdentificationSequence, colour: tuple[int, int, int]
 ) -> hd.seg.SegmentDescription:
     return hd.seg.SegmentDescription(
+        display_color=hd.color.CIELabColor.from_rgb(*colour),
         segment_number=number,
         segment_label=spec.label,
         segmented_property_category=coded(spec.category),

@@ -318,7 +318,8 @@ class CxrFoundation(Plugin):
         if positive:
             grid = self.config.grid
             maps = [grid_to_image(g, box) for g in out["patch_logits"][0, positive].reshape(len(positive), grid, grid)]
-            heatmaps = [Heatmap(classifications[k].concept.meaning, np.clip(sigmoid(m), 0.0, 1.0).astype(np.float32))
+            heatmaps = [Heatmap(classifications[k].concept.meaning, np.clip(sigmoid(m), 0.0, 1.0).astype(np.float32),
+                                quantity=f"patch probability of {classifications[k].concept.meaning}"[:64])
                         for k, m in zip(positive, maps, strict=True)]
         return Findings(classifications=classifications, heatmaps=heatmaps, summary=_summary(classifications))
 

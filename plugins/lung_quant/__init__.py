@@ -14,6 +14,7 @@ MORPHOLOGICALLY_ABNORMAL = Code(value="49755003", scheme="SCT", meaning="Morphol
 LEFT_LUNG = "left lung"
 RIGHT_LUNG = "right lung"
 LOW_ATTENUATION = "low-attenuation areas"
+BOTH_LUNGS = "both lungs"
 
 VOLUME = Code(value="118565006", scheme="SCT", meaning="Volume")
 MEAN_LUNG_DENSITY = Code(value="112181", scheme="DCM", meaning="Mean Attenuation Coefficient")
@@ -37,6 +38,12 @@ MANIFEST = Manifest(
             label=RIGHT_LUNG,
             category=ANATOMICAL_STRUCTURE,
             type=Code(value="3341006", scheme="SCT", meaning="Right lung"),
+        ),
+        # the measurement site of the totals: both lungs together (no mask of its own in the SEG)
+        SegmentSpec(
+            label=BOTH_LUNGS,
+            category=ANATOMICAL_STRUCTURE,
+            type=Code(value="39607008", scheme="SCT", meaning="Lung"),
         ),
         SegmentSpec(
             label=LOW_ATTENUATION,

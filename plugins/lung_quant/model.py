@@ -32,6 +32,7 @@ from scipy import ndimage
 
 from plugins.base import Findings, Heatmap, Image, Manifest, Measurement, Plugin, Segmentation
 from plugins.lung_quant import (
+    BOTH_LUNGS,
     LAA_950,
     LEFT_LUNG,
     LOW_ATTENUATION,
@@ -140,7 +141,7 @@ class LungQuant(Plugin):
                 continue
             segmentations.append(Segmentation(label, mask))
             measurements += _measurements(stats[label], label)
-        measurements += _measurements(total, None)
+        measurements += _measurements(total, BOTH_LUNGS)
         laa_voxels = int(np.count_nonzero(laa))
         if laa_voxels:
             segmentations.append(Segmentation(LOW_ATTENUATION, laa))
@@ -158,7 +159,8 @@ class LungQuant(Plugin):
         return Findings(
             segmentations=segmentations,
             measurements=measurements,
-            heatmaps=[Heatmap("low-attenuation", laa_heatmap(lungs, laa, image.spacing))],
+            heatmaps=[Heatmap("low-attenuation", laa_heatmap(lungs, laa, image.spacing),
+                              quantity="local fraction of lung below -950 HU", unit="%")],
             warnings=warnings,
             summary=summary,
         )

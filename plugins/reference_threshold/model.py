@@ -61,7 +61,7 @@ class ThresholdSegmenter(Plugin):
         return Findings(
             segmentations=[Segmentation(label, mask)],
             measurements=measurements,
-            heatmaps=[Heatmap("above-threshold", heat)],
+            heatmaps=[Heatmap("above-threshold", heat, quantity="HU above threshold / 1000")],
             summary=f"{volume_ml:.1f} mL at or above {self.threshold_hu:g} HU",
         )
 

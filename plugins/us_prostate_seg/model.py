@@ -239,7 +239,7 @@ class ProstateSegmenter(Plugin):
         return Findings(
             segmentations=[Segmentation(PROSTATE, mask)],
             measurements=measurements,
-            heatmaps=[Heatmap(HEATMAP, heat)],
+            heatmaps=[Heatmap(HEATMAP, heat, quantity="probability of prostate")],
             warnings=warnings,
             summary=summary,
         )
