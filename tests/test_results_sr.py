@@ -134,8 +134,21 @@ def _assert_header(sr: Dataset, case: Case) -> None:
     assert sr.SeriesInstanceUID == case.prov.uid(case.series_uid, "SR", "series")
     assert sr.SOPInstanceUID == case.prov.uid(case.series_uid, "SR", 0)
     assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
-    assert (sr.SeriesNumber, sr.InstanceNumber) == (series_number(name, "SR"), 1)
-    assert sr.SeriesDescription.startswith("AI-generated SR") and name in sr.SeriesDescription
+    assert (sr.SeriesNumber, sr.InstanceNumber) == (series_number(name, "SR", source), 1)
+    assert sr.SeriesNumber % 10000 == series_number(name, "SR")
+    assert sr.SeriesNumber // 10000 == (source.SeriesNumber if "SeriesNumber" in source else 0)
+    version = case.prov.manifest.version
+    origin = f"{source.get('SeriesNumber', '')} {source.get('SeriesDescription', '')}".strip()
+    assert sr.SeriesDescription == f"AI-generated {name} {version} SR" + (f" - src {origin}" if origin else "")
+    equipment = sr.ContributingEquipmentSequence[-1]  # IHE AI Results: the algorithm
+    assert (equipment.Manufacturer, equipment.ManufacturerModelName, equipment.SoftwareVersions) == (
+        "radnode", name, version)
+    assert equipment.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"  # Processing Equipment
+    assert equipment.DeviceUID == case.prov.device_uid
+    library = hd.sr.utils.find_content_items(_root(sr), name=codes.DCM.ImageLibrary)
+    assert len(library) == 1
+    entries = hd.sr.utils.find_content_items(library[0], value_type="IMAGE", recursive=True)
+    assert {e.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for e in entries} == set(case.sources)
     assert sr.Manufacturer == "radnode" and sr.SoftwareVersions == case.prov.software_versions
     assert sr.VerificationFlag == "UNVERIFIED" and sr.CompletionFlag == "COMPLETE"
     evidence = {
@@ -145,6 +158,11 @@ def _assert_header(sr: Dataset, case: Case) -> None:
         for ref in series.ReferencedSOPSequence
     }
     assert set(case.sources) <= evidence
+
+
+def _root(sr: Dataset) -> Dataset:
+    """The SR document's root content item (the dataset itself holds it)."""
+    return sr
 
 
 def _device(report: hd.sr.Comprehensive3DSR) -> hd.sr.DeviceObserverIdentifyingAttributes:
@@ -202,6 +220,19 @@ def test_ct_report_references_the_seg_segment(ct: Case, ct_seg: Dataset, tmp_pat
     sr, report = ct.encode(tmp_path, seg=ct_seg)
     _assert_header(sr, ct)
     assert report.content.get_image_measurement_groups() == []
+    (planar,) = report.content.get_planar_roi_measurement_groups()  # what OHIF-class viewers display
+    mask = ct.findings.segmentations[0].mask
+    key = int(np.argmax(mask.reshape(mask.shape[0], -1).sum(axis=1)))
+    assert planar.tracking_identifier == f"{MANIFEST.segments[0].label}, key slice {key + 1}"
+    assert planar.reference_type == codes.DCM.ImageRegion
+    region = planar.roi
+    assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+    assert region.value[0].tolist() == region.value[-1].tolist()  # closed
+    cols, rows = np.round(region.value[:, 0] - 0.5).astype(int), np.round(region.value[:, 1] - 0.5).astype(int)
+    assert mask[key][rows, cols].all()  # every vertex is a boundary pixel of the mask on the key slice
+    referenced = region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+    assert referenced == ct.image.sources[key].sop_instance_uid
+    assert _measurements(planar) == _expected(ct.findings, MANIFEST.segments[0].label)
     (group,) = report.content.get_volumetric_roi_measurement_groups()
     assert group.reference_type == codes.DCM.ReferencedSegment
     ref = group.referenced_segment
@@ -212,13 +243,30 @@ def test_ct_report_references_the_seg_segment(ct: Case, ct_seg: Dataset, tmp_pat
     assert _measurements(group) == _expected(ct.findings, MANIFEST.segments[0].label)
 
 
-def test_measurement_without_segment_goes_in_a_whole_image_group(ct: Case, tmp_path: Path) -> None:
+def test_measurement_without_segment_goes_in_a_whole_series_group(ct: Case, tmp_path: Path) -> None:
     index = Measurement(Code(value="ix", scheme="99RADNODE", meaning="Test index"), 0.42, "1")
     findings = dataclasses.replace(ct.findings, measurements=[*ct.findings.measurements, index])
     _, report = ct.encode(tmp_path, findings=findings)
     groups = {g.tracking_identifier: g for g in report.content.get_image_measurement_groups()}
-    assert set(groups) == {"above-threshold", "whole image"}
-    assert _measurements(groups["whole image"]) == _expected(findings, None)
+    assert set(groups) == {"above-threshold", "whole series"}
+    assert _measurements(groups["whole series"]) == _expected(findings, None)
+
+
+def test_measurement_site_without_mask_is_a_named_group_with_its_finding(ct: Case, ct_seg: Dataset,
+                                                                        tmp_path: Path) -> None:
+    """A manifest segment that only names where measurements were made (lung-quant's "both lungs") gets its
+    own group with the finding type and category, beside the SEG-referencing groups."""
+    site = SegmentSpec(label="both lungs", category=MANIFEST.segments[0].category,
+                       type=Code(value="39607008", scheme="SCT", meaning="Lung"))
+    manifest = MANIFEST.model_copy(update={"segments": [*MANIFEST.segments, site]})
+    volume = Code(value="118565006", scheme="SCT", meaning="Volume")
+    findings = dataclasses.replace(ct.findings, measurements=[*ct.findings.measurements,
+                                                              Measurement(volume, 4321.0, "mL", "both lungs")])
+    _, report = ct.encode(tmp_path, findings=findings, seg=ct_seg, prov=Provenance(manifest))
+    (group,) = report.content.get_image_measurement_groups()
+    assert group.tracking_identifier == "both lungs"
+    assert group.finding_type == _coded(site.type) and group.finding_category == _coded(site.category)
+    assert _measurements(group) == _expected(findings, "both lungs")
 
 
 def test_dx_classifications_round_trip(cxr: Case, tmp_path: Path) -> None:
@@ -253,6 +301,9 @@ def test_dx_segment_is_referenced_in_its_seg(cxr: Case, tmp_path: Path) -> None:
     seg = _seg(cxr, "lung", mask)
     _, report = cxr.encode(tmp_path, findings=findings, seg=seg)
     (group,) = report.content.get_volumetric_roi_measurement_groups()
+    (planar,) = report.content.get_planar_roi_measurement_groups()
+    assert planar.tracking_identifier == "lung"  # an X-ray has one image: no key slice to name
+    assert planar.roi.value[:, 0].min() == 200.5 and planar.roi.value[:, 1].max() == 699.5  # the mask's border
     ref = group.referenced_segment
     assert ref.referenced_sop_instance_uid == seg.SOPInstanceUID and ref.referenced_segment_numbers == [1]
     (source,) = ref.source_images_for_segmentation
@@ -336,12 +387,14 @@ def test_ultrasound_area_per_frame_round_trips(data_root: Path, tmp_path: Path) 
     (group,) = report.content.get_volumetric_roi_measurement_groups()
     assert group.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
     assert _measurements(group) == [_expected(findings, "prostate")[0]]  # the whole-segment area only
-    frames = report.content.get_image_measurement_groups()
-    assert len(frames) == 3  # one group per frame, its source the frame
+    assert report.content.get_image_measurement_groups() == []
+    frames = report.content.get_planar_roi_measurement_groups()
+    assert len(frames) == 3  # one group per frame, its region the outline on that frame
     for k, group in zip((2, 3, 4), frames, strict=True):
-        (src,) = group.source_images
-        assert src.referenced_sop_instance_uid == image.sources[k].sop_instance_uid
-        assert src.referenced_frame_numbers == [image.sources[k].frame_number]
+        assert group.tracking_identifier == f"prostate, frame {k + 1}"
+        src = group.roi.ContentSequence[0]
+        assert src.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == image.sources[k].sop_instance_uid
+        assert src.ReferencedSOPSequence[0].ReferencedFrameNumber == image.sources[k].frame_number
         ((name, value, unit),) = _measurements(group)
         assert value == pytest.approx(8800.0 + k) and unit.value == "mm2"
         assert group.finding_type == _coded(manifest.segments[0].type)

@@ -6,8 +6,10 @@ import math
 from collections.abc import Mapping
 
 import highdicom as hd
+import numpy as np
 from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
+from scipy import ndimage
 from pydicom.sr.codedict import codes
 
 from node.results.common import (
@@ -115,6 +117,8 @@ def encode_sr(
         )
 
     specs = {s.label: s for s in manifest.segments}
+    masks = {s.segment: np.asarray(s.mask, dtype=bool) for s in findings.segmentations}
+    in_seg = set(masks) if seg is not None else set()
     labels = [s.segment for s in findings.segmentations]
     labels += [m.segment for m in findings.measurements if m.segment is not None and m.segment not in labels]
     labels = list(dict.fromkeys(labels))
@@ -122,17 +126,14 @@ def encode_sr(
         if label not in specs:
             raise ValueError(f"segment {label!r} is not declared in the manifest of {manifest.name}")
         spec = specs[label]
+        measured = [m for m in findings.measurements if m.segment == label and m.frame is None]
         common = dict(
-            tracking_identifier=tracking(f"segment:{label}", label),
             finding_type=coded(spec.type),
             finding_category=coded(spec.category),
             algorithm_id=algorithm,
-            measurements=[_measurement(m) for m in findings.measurements if m.segment == label and m.frame is None]
-            or None,
+            measurements=[_measurement(m) for m in measured] or None,
         )
-        if seg is None:
-            groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(source_images=source_images, **common))
-        else:
+        if label in in_seg:
             # TID 1411 for 2D too: TID 1410's "Referenced Segmentation Frame" as highdicom writes it
             # carries both ReferencedFrameNumber and ReferencedSegmentNumber, which dciodvfy rejects
             ref = hd.sr.ReferencedSegment(
@@ -141,9 +142,24 @@ def encode_sr(
                 segment_number=_segment_number(seg, label),
                 source_images=[_source_for_segmentation(s) for s in image.sources],
             )
-            groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(referenced_segment=ref, **common))
+            groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking(f"segment:{label}", label), referenced_segment=ref, **common))
+        else:
+            groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking(f"segment:{label}", label), source_images=source_images, **common))
+        # the same segment's measurements on its key slice (largest area), outlined: what viewers that show
+        # only planar annotations (OHIF) display; a frame-wise image has per-frame groups below instead
+        if label in masks and measured and not _per_frame(findings, label):
+            planar = _planar_region(masks[label], image)
+            if planar is not None:
+                region, k = planar
+                where = "" if image.kind == "image2d" else f", key {_unit_word(image)} {k + 1}"
+                groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=tracking(f"key:{label}", f"{label}{where}"), referenced_region=region,
+                    **common))
 
-    # per-frame measurements (an ultrasound frame's area): one group per (segment, frame), its source the frame
+    # per-frame measurements (an ultrasound frame's area): one group per (segment, frame), its source the frame,
+    # its region the segment's outline on that frame when there is a mask
     per_frame: dict[tuple[str | None, int], list] = {}
     for m in findings.measurements:
         if m.frame is not None:
@@ -153,21 +169,26 @@ def encode_sr(
         key = f"frame:{label or 'image'}:{k}"
         extra = {} if label is None else {"finding_type": coded(specs[label].type),
                                           "finding_category": coded(specs[label].category)}
-        groups.append(
-            hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=tracking(key, f"{label or 'image'}, frame {k + 1}"),
-                algorithm_id=algorithm,
-                measurements=items,
+        name = f"{label or _series_word(image)}, {_unit_word(image)} {k + 1}"
+        region = None
+        if label in masks:
+            layer = masks[label] if image.kind == "image2d" else masks[label][k]
+            region = _region(layer, ref)
+        if region is not None:
+            groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking(key, name), algorithm_id=algorithm, measurements=items,
+                referenced_region=region, **extra))
+        else:
+            groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking(key, name), algorithm_id=algorithm, measurements=items,
                 source_images=[hd.sr.SourceImageForMeasurementGroup(ref.sop_class_uid, ref.sop_instance_uid,
                                                                     _frames(ref))],
-                **extra,
-            )
-        )
+                **extra))
     whole = [_measurement(m) for m in findings.measurements if m.segment is None and m.frame is None]
     if whole or not groups:
         groups.append(
             hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=tracking("image", "whole image"),
+                tracking_identifier=tracking("image", _series_word(image)),
                 algorithm_id=algorithm,
                 measurements=whole or None,
                 source_images=source_images,
@@ -190,6 +211,7 @@ def encode_sr(
     report = hd.sr.MeasurementReport(
         observation_context=context, procedure_reported=_procedure(image, evidence[0]), imaging_measurements=groups
     )
+    _insert_image_library(report, evidence)
     texts = [(SUMMARY, findings.summary)] if findings.summary.strip() else []
     texts += [(COMMENT, w) for w in (*image.warnings, *findings.warnings) if w.strip()]
     if texts:
@@ -210,7 +232,7 @@ def encode_sr(
         evidence=evidence,
         content=report,
         series_instance_uid=prov.uid(source_series_uid, "SR", "series"),
-        series_number=series_number(manifest.name, "SR"),
+        series_number=series_number(manifest.name, "SR", evidence[0]),
         sop_instance_uid=prov.uid(source_series_uid, "SR", 0),
         instance_number=1,
         manufacturer=prov.manufacturer,
@@ -218,7 +240,7 @@ def encode_sr(
         software_versions=prov.software_versions,
         device_serial_number=prov.device_serial_number,
         institution_name=prov.institution_name,
-        series_description=prov.series_description("SR"),
+        series_description=prov.series_description("SR", evidence[0]),
         # complete and final as the algorithm's output; unverified: no person has checked it
         is_complete=True,
         is_final=True,
@@ -226,6 +248,7 @@ def encode_sr(
     )
     drop_incomplete_references(sr)
     declare_private_schemes(sr)
+    prov.add_contributing_equipment(sr)
     return sr
 
 
@@ -280,3 +303,125 @@ def _procedure(image: Image, source: Dataset) -> CodedConcept:
     if image.modality == "CT" and "CHEST" in body_parts:
         return _CT_CHEST
     return _PROCEDURES.get(image.modality, _IMAGING_PROCEDURE)
+
+
+def _per_frame(findings: Findings, label: str) -> bool:
+    return any(m.segment == label and m.frame is not None for m in findings.measurements)
+
+
+def _series_word(image: Image) -> str:
+    """What a group of measurements of the whole input is about, by image kind."""
+    return {"volume": "whole series", "image2d": "whole image", "frames": "all frames"}[image.kind]
+
+
+def _unit_word(image: Image) -> str:
+    return {"volume": "slice", "image2d": "image", "frames": "frame"}[image.kind]
+
+
+def _planar_region(mask: np.ndarray, image: Image) -> tuple[hd.sr.ImageRegion, int] | None:
+    """The outline of a mask on its key slice/frame (the one with the largest area) as an image region on
+    that source image, with the slice/frame index; None for an empty mask."""
+    if image.kind == "image2d":
+        region = _region(mask, image.sources[0])
+        return None if region is None else (region, 0)
+    areas = mask.reshape(mask.shape[0], -1).sum(axis=1)
+    if not areas.any():
+        return None
+    k = int(np.argmax(areas))
+    region = _region(mask[k], image.sources[k])
+    return None if region is None else (region, k)
+
+
+def _region(mask2d: np.ndarray, ref: SourceRef) -> hd.sr.ImageRegion | None:
+    """A closed POLYLINE around the largest connected part of a 2-D mask, on the source image (frame)."""
+    points = outline_polyline(mask2d)
+    if points is None:
+        return None
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=points,
+        source_image=hd.sr.SourceImageForRegion(ref.sop_class_uid, ref.sop_instance_uid, _frames(ref)),
+    )
+
+
+# Moore neighbourhood, clockwise from north: (row, column) offsets.
+_RING = ((-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1), (-1, -1))
+
+
+def outline_polyline(mask2d: np.ndarray, max_points: int = 256) -> np.ndarray | None:
+    """The boundary of the largest connected component of a 2-D mask (holes filled), traced clockwise by
+    Moore-neighbour tracing through the boundary pixels' centres, as SCOORD graphic data: (column, row) image
+    coordinates (0.0, 0.0 is the top-left corner of the top-left pixel), closed (last point = first), at most
+    `max_points` points. A component too small to trace (one pixel, one line) gives its pixels' bounding
+    rectangle. None when the mask is empty."""
+    labels, count = ndimage.label(mask2d)
+    if count == 0:
+        return None
+    sizes = ndimage.sum_labels(mask2d, labels, range(1, count + 1))
+    component = ndimage.binary_fill_holes(labels == int(np.argmax(sizes)) + 1)
+    padded = np.pad(component, 1)
+    rows, cols = np.nonzero(padded)
+    start = (int(rows[0]), int(cols[0]))  # first in raster order: its west neighbour is background
+    path = [start]
+    current, back = start, 6
+    for _ in range(4 * int(component.sum()) + 8):
+        for step in range(8):
+            d = (back + step) % 8
+            r, c = current[0] + _RING[d][0], current[1] + _RING[d][1]
+            if padded[r, c]:
+                before = _RING[(back + step - 1) % 8]
+                back = _RING.index((current[0] + before[0] - r, current[1] + before[1] - c))
+                current = (r, c)
+                break
+        else:
+            break  # a single pixel
+        if current == start:
+            break
+        path.append(current)
+    if len(path) < 3:
+        r0, c0 = rows.min() - 1, cols.min() - 1
+        r1, c1 = rows.max(), cols.max()  # -1 for the padding, +1 for the far edge
+        corners = [(c0, r0), (c1, r0), (c1, r1), (c0, r1), (c0, r0)]
+        return np.asarray(corners, dtype=np.float32)
+    stride = max(1, -(-len(path) // (max_points - 1)))
+    kept = path[::stride]
+    points = [(c - 1 + 0.5, r - 1 + 0.5) for r, c in kept]
+    points.append(points[0])
+    return np.asarray(points, dtype=np.float32)
+
+
+def _insert_image_library(report: hd.sr.MeasurementReport, evidence: list[Dataset]) -> None:
+    """TID 1600 Image Library with an entry for every source image, before the Imaging Measurements (TID 1500
+    row order). highdicom's descriptors need attributes some sources lack (X-ray orientation, spacing); such an
+    image gets an entry without descriptors rather than none."""
+    images = [ds for ds in evidence if ds.SOPClassUID not in _NON_IMAGES]
+    if not images:
+        return
+    try:
+        library = hd.sr.ImageLibrary(images)
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError):
+        container = hd.sr.ContainerContentItem(
+            name=codes.DCM.ImageLibrary, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+        )
+        group = hd.sr.ContainerContentItem(
+            name=codes.DCM.ImageLibraryGroup, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+        )
+        group.ContentSequence = hd.sr.ContentSequence([
+            hd.sr.ImageContentItem(
+                name=CodedConcept("260753009", "SCT", "Source"),
+                referenced_sop_class_uid=ds.SOPClassUID,
+                referenced_sop_instance_uid=ds.SOPInstanceUID,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+            for ds in images
+        ])
+        container.ContentSequence = hd.sr.ContentSequence([group])
+        library = [container]
+    content = report[0].ContentSequence
+    at = next(i for i, item in enumerate(content) if item.ConceptNameCodeSequence[0].CodeValue == "126010")
+    for offset, item in enumerate(library):
+        content.insert(at + offset, item)
+
+
+# SEG and SR sources are not images: no Image Library entry.
+_NON_IMAGES = frozenset({"1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.88.33"})
