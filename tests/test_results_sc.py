@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,8 @@ from pydicom.dataset import Dataset
 from node.imaging import load_image
 from node.results.common import Provenance, series_number
 from node.results.sc import DISCLAIMER, encode_sc
-from plugins.base import Findings, Heatmap, Image
+from node.results.seg import SEGMENT_COLOURS
+from plugins.base import Findings, Heatmap, Image, Segmentation
 from plugins.reference_threshold import MANIFEST
 from plugins.reference_threshold.model import build, write_weights
 from tests.dicom_checks import assert_valid
@@ -53,13 +55,21 @@ def _check_common(sc: Dataset, source: Dataset, shape: tuple[int, int]) -> None:
         assert (sc.get(keyword) or None) == (source.get(keyword) or None), keyword  # absent in source = empty
     assert sc.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage
     assert sc.BurnedInAnnotation == "YES"
-    assert sc.SeriesDescription == PROV.series_description("SC") and "AI-generated" in sc.SeriesDescription
-    assert sc.SeriesNumber == series_number(MANIFEST.name, "SC")
+    assert sc.SeriesDescription == PROV.series_description("SC", source) and "AI-generated" in sc.SeriesDescription
+    assert sc.SeriesNumber == series_number(MANIFEST.name, "SC", source)
+    equipment = sc.ContributingEquipmentSequence[-1]  # the algorithm, after the source's acquisition equipment
+    assert (equipment.ManufacturerModelName, equipment.DeviceUID) == (MANIFEST.name, PROV.device_uid)
+    if sc.get("Laterality") not in ("R", "L") and not source.get("ImageLaterality"):
+        # Type 2C: left out when the body part is known and unpaired; empty (unknown) only when nothing is known
+        assert ("Laterality" not in sc) == bool(sc.get("BodyPartExamined"))
     assert sc.Manufacturer == "radnode test" and sc.DeviceSerialNumber == "T1"
     assert sc.SoftwareVersions == PROV.software_versions
     assert MANIFEST.name in sc.DerivationDescription
     assert (sc.PhotometricInterpretation, sc.SamplesPerPixel, sc.BitsAllocated) == ("RGB", 3, 8)
-    assert sc.pixel_array.shape == (*shape, 3) and sc.pixel_array.dtype == np.uint8
+    rows, columns = sc.pixel_array.shape[:2]
+    assert columns == shape[1] and rows > shape[0] and sc.pixel_array.dtype == np.uint8
+    band = sc.pixel_array[shape[0]:]  # the notice, model and colour bar sit in a band below the image
+    assert (band.max(axis=2) > 200).any() and band.shape[0] >= 30
     (ref,) = sc.SourceImageSequence
     assert (ref.ReferencedSOPInstanceUID, ref.ReferencedSOPClassUID) == (source.SOPInstanceUID, source.SOPClassUID)
 
@@ -75,6 +85,7 @@ def chest(ct_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Image
 
 def test_chest_ct_two_strongest_slices(chest, tmp_path: Path) -> None:
     image, findings, sources = chest
+    image = dataclasses.replace(image, body_parts=frozenset({"CHEST"}))  # as the router's loader gives it
     series_uid = next(iter(sources.values())).SeriesInstanceUID
     objects = encode_sc(findings, image, sources, PROV, series_uid, max_images=2)
     assert len(objects) == 2
@@ -88,12 +99,13 @@ def test_chest_ct_two_strongest_slices(chest, tmp_path: Path) -> None:
         assert sc.SeriesInstanceUID == PROV.uid(series_uid, "SC", "series") != source.SeriesInstanceUID
         assert sc.SOPInstanceUID == PROV.uid(series_uid, "SC", f"above-threshold:{z}")
         assert list(sc.PatientOrientation) == ["L", "P"]
+        assert sc.BodyPartExamined == "CHEST" and "Laterality" not in sc  # unpaired: Laterality not required
         assert [float(v) for v in sc.PixelSpacing] == pytest.approx([float(v) for v in source.PixelSpacing])
-        pixels = sc.pixel_array.astype(int)
+        pixels = sc.pixel_array[: image.pixels.shape[1]].astype(int)
         hot = heat[z] >= 0.5  # strongly coloured: red channel dominates, unlike grey
         assert hot.any() and (pixels[hot, 0] - pixels[hot, 2]).mean() > 60
-        cold = heat[z] == 0  # no heat: stays grey (apart from the burned-in legend and text)
-        assert np.mean(pixels[cold, 0] == pixels[cold, 2]) > 0.95
+        cold = heat[z] == 0  # no heat: stays grey; nothing is burned into the image itself
+        assert np.all(pixels[cold, 0] == pixels[cold, 2])
     _render_png(reread[0], tmp_path / "ct_sc.png")
 
 
@@ -188,3 +200,49 @@ def test_ultrasound_strongest_frames(data_root: Path, tmp_path: Path) -> None:
 
 def test_disclaimer_text() -> None:
     assert DISCLAIMER == "AI-generated - not for primary diagnosis"
+
+
+def test_colour_bar_names_the_quantity_and_unit(chest) -> None:
+    image, findings, sources = chest
+    heat = dataclasses.replace(findings.heatmaps[0], quantity="local fraction below -950 HU", unit="%")
+    (sc,) = encode_sc(dataclasses.replace(findings, heatmaps=[heat]), image, sources, PROV, "1.2.3", max_images=1)
+    band = sc.pixel_array[image.pixels.shape[1]:].astype(int)
+    colourful = np.abs(band[..., 0] - band[..., 2]) > 100  # the bar: blue at 0 (left), red at 1 (right)
+    rows = np.flatnonzero(colourful.sum(axis=1) > band.shape[1] // 2)
+    assert rows.size > 0
+    bar = band[rows[rows.size // 2]]
+    assert bar[10, 2] > bar[10, 0] and bar[-10, 0] > bar[-10, 2]
+    assert "local fraction below -950 HU" in sc.DerivationDescription
+
+
+def test_outlines_for_a_source_without_patient_geometry(data_root: Path, tmp_path: Path) -> None:
+    """US has no frame of reference: besides the SEG, the mask outline is burned on its strongest frames."""
+    paths = [data_root / "us_samples_pydicom" / "examples_ybr_color.dcm"]
+    image = load_image(paths)
+    sources = _headers(paths)
+    assert "FrameOfReferenceUID" not in next(iter(sources.values()))
+    n, h, w = image.pixels.shape[:3]
+    mask = np.zeros((n, h, w), bool)
+    mask[5, 60:120, 80:200] = True
+    mask[6, 70:100, 90:150] = True
+    manifest = MANIFEST.model_copy(update={"outputs": ["SEG", "SR", "SC"]})
+    prov = dataclasses.replace(PROV, manifest=manifest)
+    findings = Findings(segmentations=[Segmentation("above-threshold", mask)])
+    objects = _save_valid(encode_sc(findings, image, sources, prov, "1.2.3", max_images=1), tmp_path)
+    (sc,) = objects
+    assert sc.SOPInstanceUID == prov.uid("1.2.3", "SC", "outline:5")  # the frame with the larger area
+    assert sc.SourceImageSequence[0].ReferencedFrameNumber == 6
+    pixels = sc.pixel_array[:h].astype(int)
+    colour = np.array(SEGMENT_COLOURS[("SCT", "272673000")])
+    edge = np.zeros((h, w), bool)
+    edge[60, 80:200] = edge[119, 80:200] = edge[60:120, 80] = edge[60:120, 199] = True
+    assert np.all(pixels[edge] == colour)  # the boundary in the segment's SEG colour
+    assert not np.all(pixels[90, 140] == colour)  # the inside shows the image
+    # with patient geometry (CT) the SEG overlays in viewers: no outline SC
+    ct = Image(kind="volume", pixels=np.zeros((1, 8, 8), np.float32), spacing=(1.0, 1.0, 1.0),
+               sources=(image.sources[0],), modality="CT")
+    with_frame = {uid: Dataset(ds) for uid, ds in sources.items()}
+    for ds in with_frame.values():
+        ds.FrameOfReferenceUID = "1.2.3.4"
+    flat = Findings(segmentations=[Segmentation("above-threshold", np.ones((1, 8, 8), bool))])
+    assert encode_sc(flat, ct, with_frame, prov, "1.2.3") == []

@@ -10,8 +10,8 @@ import pydicom
 import pytest
 
 from node.imaging import load_image
-from node.results.common import Provenance
-from node.results.seg import encode_seg
+from node.results.common import Provenance, series_number
+from node.results.seg import FALLBACK_COLOURS, SEGMENT_COLOURS, encode_seg, segment_colours
 from plugins.base import Code, Findings, Manifest, Segmentation, SegmentSpec
 from plugins.reference_threshold import MANIFEST
 from plugins.reference_threshold.model import build, write_weights
@@ -73,9 +73,17 @@ def test_chest_ct_round_trip(chest, tmp_path: Path):
     assert ds.SegmentationType == "BINARY"
     assert ds.SeriesInstanceUID == prov.uid(series_uid, "SEG", "series")
     assert ds.SOPInstanceUID == prov.uid(series_uid, "SEG", 0)
-    assert ds.SeriesDescription.startswith("AI-generated SEG")
+    first = sources[image.sources[0].sop_instance_uid]
+    assert ds.SeriesDescription == f"AI-generated reference-threshold 1.0.0 SEG - src {first.SeriesNumber} " \
+                                   f"{first.SeriesDescription}".strip()[:64]
+    assert ds.SeriesNumber == series_number("reference-threshold", "SEG", first) and ds.SeriesNumber > 10000
     assert ds.PatientID == next(iter(sources.values())).PatientID
+    assert "ContentCreatorName" in ds and not ds.ContentCreatorName  # Type 2: no person made it
+    equipment = ds.ContributingEquipmentSequence[-1]
+    assert (equipment.ManufacturerModelName, equipment.DeviceUID) == ("reference-threshold", prov.device_uid)
     segment = ds.SegmentSequence[0]
+    bone = hd.color.CIELabColor.from_rgb(*SEGMENT_COLOURS[("SCT", "272673000")]).value
+    assert tuple(segment.RecommendedDisplayCIELabValue) == tuple(bone)
     assert segment.SegmentLabel == "above-threshold" and segment.SegmentAlgorithmType == "AUTOMATIC"
     assert segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == "272673000"
     algorithm = segment.SegmentationAlgorithmIdentificationSequence[0]
@@ -140,6 +148,8 @@ def test_us_multiframe_references_the_frames(data_root: Path, tmp_path: Path):
     refs = [item.DerivationImageSequence[0].SourceImageSequence[0] for item in ds.PerFrameFunctionalGroupsSequence]
     assert [int(r.ReferencedFrameNumber) for r in refs] == [5, 10]
     assert {r.ReferencedSOPClassUID for r in refs} == {sources[image.sources[0].sop_instance_uid].SOPClassUID}
+    # the source is JPEG baseline: lossy, and the method is named (PixelMed requires it with "01")
+    assert (ds.LossyImageCompression, ds.LossyImageCompressionMethod) == ("01", "ISO_10918_1")
     seg = hd.seg.segread(tmp_path / "seg.dcm")
     frames = np.asarray(seg.get_stored_frame(1)), np.asarray(seg.get_stored_frame(2))
     assert np.array_equal(frames[0].astype(bool), mask[4]) and np.array_equal(frames[1].astype(bool), mask[9])
@@ -165,3 +175,19 @@ def test_undeclared_segment_and_missing_source_raise(chest):
     partial = dict(list(sources.items())[1:])
     with pytest.raises(ValueError, match="not given"):
         encode_seg(findings, image, partial, Provenance(MANIFEST), "1")
+
+
+def test_segment_colours_are_fixed_per_type_and_distinct_within_a_seg():
+    def spec(value: str) -> SegmentSpec:
+        return SegmentSpec(label=value, category=Code(value="91723000", scheme="SCT", meaning="Anatomical Structure"),
+                           type=Code(value=value, scheme="SCT", meaning=value))
+
+    left, right = segment_colours([spec("44029006"), spec("3341006")])
+    assert left == SEGMENT_COLOURS[("SCT", "44029006")] and right == SEGMENT_COLOURS[("SCT", "3341006")]
+    assert left != right
+    unknown = [spec(str(n)) for n in range(100, 100 + len(FALLBACK_COLOURS))]
+    colours = segment_colours(unknown)
+    assert len(set(colours)) == len(colours)  # all distinct while the palette lasts
+    assert segment_colours(unknown[:1]) == colours[:1]  # the same type, the same colour
+    twice = segment_colours([spec("44029006"), spec("44029006")])
+    assert twice[0] != twice[1]  # a repeated type in one SEG still gets a colour of its own

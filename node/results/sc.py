@@ -286,7 +286,6 @@ def _sc(
         pixel_spacing = (float(image.spacing[1]), float(image.spacing[2]))
     orientation = _patient_orientation(image, ds)
     sc = hd.sc.SCImage.from_ref_dataset(
-        contributing_equipment=[prov.contributing_equipment()],
         ref_dataset=ds,
         pixel_array=rgb,
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
@@ -311,6 +310,7 @@ def _sc(
         sc.PatientOrientation = None
     _laterality(sc, ds, image)
     sc.BurnedInAnnotation = "YES"
+    prov.add_contributing_equipment(sc)  # after the source's acquisition equipment that highdicom adds
     complete_lossy_compression(sc, [ds])
     sc.DerivationDescription = description
     ref = image.sources[index]
