@@ -7,7 +7,7 @@ import functools
 import logging
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from db import deliveries
 from db.models import Job, Series, utcnow
 from node import metrics
 from node.heartbeat import Heartbeat
+from node.results import object_kind
 from node.scu import AssociationFailed, send
 from node.settings import (
     DicomDestination,
@@ -41,9 +42,10 @@ class DeliveryError(Exception):
         self.permanent = permanent
 
 
-def result_files(outputs: Sequence[str]) -> list[Path]:
-    """The DICOM objects among a job's outputs (findings.json and arrays stay local)."""
-    files = [Path(p) for p in outputs if p.endswith(".dcm")]
+def result_files(outputs: Sequence[str], kinds: Collection[str] = ("SR", "SEG", "SC")) -> list[Path]:
+    """The DICOM objects of the given kinds among a job's outputs (findings.json and arrays stay local).
+    Raises DeliveryError (permanent) when one of them is missing on disk."""
+    files = [Path(p) for p in outputs if object_kind(p) in kinds]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise DeliveryError(f"output files missing: {', '.join(missing)}; retry the job to write them again",
@@ -194,8 +196,9 @@ class Dispatcher:
         with Heartbeat(self.maker, beat, s.job_heartbeat_seconds, f"delivery {delivery_id}"):
             try:
                 dest = s.destination(claim.destination)
-                files = result_files(outputs)
-                count = self.sender(dest, files, s, sender_ae)
+                files = result_files(outputs, dest.objects)
+                # a job may have none of the kinds this destination takes (an SR-only job, a SEG-only PACS)
+                count = self.sender(dest, files, s, sender_ae) if files else 0
             except KeyError:
                 error = DeliveryError(f"destination {claim.destination!r} is not configured on this worker",
                                       permanent=True)

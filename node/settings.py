@@ -51,6 +51,18 @@ class Peer(_Config):
 
 class _Destination(_Config):
     name: str = Field(description="lower-case name that rules use to pick this destination")
+    objects: list[Literal["SR", "SEG", "SC"]] = Field(
+        default_factory=lambda: ["SR", "SEG", "SC"], min_length=1,
+        description="which result objects this destination receives, e.g. [SR, SC] for a PACS or viewer "
+        "without SEG support; default all",
+    )
+
+    @field_validator("objects")
+    @classmethod
+    def _objects(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("objects lists a kind twice")
+        return v
 
     @field_validator("name")
     @classmethod

@@ -222,3 +222,37 @@ def test_delivery_gives_up_at_the_cap_and_redeliver_sends_it(stack: Stack, ortha
     assert by_name["pacs"]["state"] == "sent" and by_name["nobody"]["state"] == "failed"
     study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     assert result_counts(orthanc, study_uid)[SR] == 1
+
+
+def test_each_destination_receives_the_objects_of_its_profile(stack: Stack, orthanc_for, tmp_path: Path):
+    """`objects` per destination: a PACS without SEG support gets SR + SC, a SEG viewer gets the SEG only."""
+    port = free_port()
+    pacs, viewer = orthanc_for(port), orthanc_for(port)
+    destinations = [{"name": "pacs", "kind": "dicom", "ae_title": ORTHANC_AE, "host": "127.0.0.1",
+                     "port": pacs.dicom_port, "objects": ["SR", "SC"]},
+                    {"name": "viewer", "kind": "orthanc", "url": viewer.url, "objects": ["SEG"]}]
+    node = stack.start(REFERENCE_RULES, dicom_port=str(port), destinations=json.dumps(destinations))
+    files = write_ct_series(tmp_path / "series", kind="chest", slices=12, size=64)
+    assert send(files, "127.0.0.1", node.port, node.ae_title, "CT").sent == 12
+    [job] = stack.wait_jobs(lambda rows: bool(rows) and rows[0]["state"] in {"delivered", "failed", "skipped"})
+    assert job["state"] == "delivered", job
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    sc = sum(1 for p in job["outputs"] if Path(p).name.startswith("SC-"))
+    assert sc >= 1
+    assert result_counts(pacs, study_uid) == Counter({SR: 1, SC: sc})
+    assert result_counts(viewer, study_uid) == Counter({SEG: 1})
+    by_name = {d["destination"]: d for d in job["deliveries"]}
+    assert (by_name["pacs"]["instances"], by_name["viewer"]["instances"]) == (1 + sc, 1)
+
+
+def test_a_destination_profile_is_validated():
+    from pydantic import ValidationError
+
+    from node.settings import Settings
+
+    with pytest.raises(ValidationError, match="objects"):
+        Settings(destinations=[{"name": "pacs", "kind": "orthanc", "url": "http://x", "objects": []}])
+    with pytest.raises(ValidationError, match="twice"):
+        Settings(destinations=[{"name": "pacs", "kind": "orthanc", "url": "http://x", "objects": ["SR", "SR"]}])
+    with pytest.raises(ValidationError, match="objects"):
+        Settings(destinations=[{"name": "pacs", "kind": "orthanc", "url": "http://x", "objects": ["PDF"]}])

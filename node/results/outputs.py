@@ -13,6 +13,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from node.results import object_file
 from node.results.common import Provenance
 from node.results.findings import atomic_write, write_findings
 from node.results.sc import encode_sc
@@ -80,14 +81,14 @@ def _write(findings: Findings, image: Image, sources: Mapping[str, Dataset], pro
 
         seg = encode_seg(findings, image, sources, prov, source_series_uid) if "SEG" in kinds else None
         if seg is not None:
-            written.append(_save(seg, out_dir / "SEG.dcm"))
+            written.append(_save(seg, out_dir / object_file("SEG")))
             lap("SEG")
         if "SR" in kinds:
             sr = encode_sr(findings, image, sources, prov, source_series_uid, seg=seg)
-            written.append(_save(sr, out_dir / "SR.dcm"))
+            written.append(_save(sr, out_dir / object_file("SR")))
             lap("SR")
         if "SC" in kinds:
             for i, sc in enumerate(encode_sc(findings, image, sources, prov, source_series_uid, sc_max_images)):
-                written.append(_save(sc, out_dir / f"SC-{i + 1:03d}.dcm"))
+                written.append(_save(sc, out_dir / object_file("SC", i + 1)))
             lap("SC")
         return written + background.result()
