@@ -255,7 +255,7 @@ def test_chest_ct_outputs_are_valid_dicom(chest: Case, tmp_path: Path):
         assert group.finding_type.value == c.concept.value and group.finding_type.meaning == c.concept.meaning
         (probability,) = group.get_measurements()
         assert probability.value == pytest.approx(c.probability)
-    (whole,) = [g for g in groups if g.tracking_identifier == "whole image"]
+    (whole,) = [g for g in groups if g.tracking_identifier == "whole series"]
     (missing,) = whole.get_measurements()
     assert (missing.name.value, missing.value, missing.unit.value) == ("MISSINGSLICES", 0.0, "%")
     comments = hd.sr.utils.find_content_items(report.content[0], name=COMMENT, value_type="TEXT", recursive=True)

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
@@ -97,6 +98,7 @@ def test_manifest_codes_and_light_import():
     assert codes == {
         LEFT_LUNG: ("91723000", "44029006"),
         RIGHT_LUNG: ("91723000", "3341006"),
+        BOTH_LUNGS: ("91723000", "39607008"),  # where the totals are measured: no mask of its own
         LOW_ATTENUATION: ("49755003", "87433001"),
     }
     assert MANIFEST.series.body_parts == ["CHEST"]
@@ -246,6 +248,18 @@ def test_chest_ct_outputs_are_valid_dicom(chest: Case, tmp_path: Path):
     text = str(sr)
     for concept in CONCEPTS.values():
         assert concept.value in text
+    report = hd.sr.srread(tmp_path / "SR.dcm").content
+    # the totals are a group named for what they measure, with its finding (not "whole image")
+    (both,) = report.get_image_measurement_groups()
+    assert both.tracking_identifier == BOTH_LUNGS and both.finding_type.value == "39607008"
+    assert {g.tracking_identifier for g in report.get_volumetric_roi_measurement_groups()} == {
+        RIGHT_LUNG, LEFT_LUNG, LOW_ATTENUATION}
+    # and each lung on its key slice, outlined, for viewers that show planar annotations
+    planar = {g.tracking_identifier.split(",")[0]: g for g in report.get_planar_roi_measurement_groups()}
+    assert set(planar) == {RIGHT_LUNG, LEFT_LUNG, LOW_ATTENUATION}
+    volume = {g: [m.value for m in planar[g].get_measurements() if m.name.value == CONCEPTS["volume"].value]
+              for g in (RIGHT_LUNG, LEFT_LUNG)}
+    assert volume == {RIGHT_LUNG: [chest.value("volume", RIGHT_LUNG)], LEFT_LUNG: [chest.value("volume", LEFT_LUNG)]}
 
 
 # --- the phantom ----------------------------------------------------------------------------------
@@ -344,7 +358,7 @@ def test_fused_lungs_are_split_at_the_midline():
     assert not (masks[RIGHT_LUNG] & left & ~right).any() and not (masks[LEFT_LUNG] & right & ~left).any()
     volumes = {m.segment: m.value for m in findings.measurements if m.concept == VOLUME}
     assert volumes[RIGHT_LUNG] == pytest.approx(volumes[LEFT_LUNG], rel=0.02)
-    assert volumes[None] == pytest.approx(np.count_nonzero(right | left) * 5 * 2.5 * 2.5 / 1000, rel=0.01)
+    assert volumes[BOTH_LUNGS] == pytest.approx(np.count_nonzero(right | left) * 5 * 2.5 * 2.5 / 1000, rel=0.01)
     assert "trachea not found: the airways could not be separated from the lungs" in findings.warnings
 
 

@@ -262,7 +262,8 @@ def test_masks_areas_and_outputs_on_the_frames_with_the_prostate(stand_in, cine:
 
     written = _write(findings, image, _us(data_root, CINE), tmp_path)
     names = sorted(p.name for p in written if p.suffix == ".dcm")
-    assert names == ["SC-001.dcm", "SEG.dcm", "SR.dcm"]
+    # the heatmap SC, then the outline SCs (US has no frame of reference: a PACS shows these, not the SEG)
+    assert names == ["SC-001.dcm", "SC-002.dcm", "SC-003.dcm", "SEG.dcm", "SR.dcm"]
     for path in written:
         if path.suffix == ".dcm":
             assert_valid(path)
@@ -275,8 +276,11 @@ def test_masks_areas_and_outputs_on_the_frames_with_the_prostate(stand_in, cine:
     assert np.array_equal(np.asarray(stored.get_stored_frame(1)).astype(bool), seg.mask[3])
     assert np.array_equal(np.asarray(stored.get_stored_frame(2)).astype(bool), seg.mask[7])
     report = hd.sr.srread(tmp_path / "SR.dcm")
-    groups = report.content.get_image_measurement_groups()  # one group per frame, its source the frame
-    assert [g.source_images[0].referenced_frame_numbers for g in groups] == [[4], [8]]
+    assert report.content.get_image_measurement_groups() == []
+    groups = report.content.get_planar_roi_measurement_groups()  # one group per frame: the outline on it
+    refs = [g.roi.ContentSequence[0].ReferencedSOPSequence[0] for g in groups]
+    assert [int(r.ReferencedFrameNumber) for r in refs] == [4, 8]
+    assert [g.tracking_identifier for g in groups] == ["prostate, frame 4", "prostate, frame 8"]
     for k, group in zip((3, 7), groups, strict=True):
         ((name, value, unit),) = [(m.name, m.value, m.unit) for m in group.get_measurements()]
         assert name.value == AREA.value and unit.value == "mm2" and value == pytest.approx(areas[k].value)
@@ -285,6 +289,9 @@ def test_masks_areas_and_outputs_on_the_frames_with_the_prostate(stand_in, cine:
     assert [m.value for m in volume_group.get_measurements()] == [pytest.approx(areas[None].value)]
     sc = pydicom.dcmread(tmp_path / "SC-001.dcm")
     assert int(sc.SourceImageSequence[0].ReferencedFrameNumber) == 8
+    outlines = [pydicom.dcmread(tmp_path / f"SC-00{k}.dcm") for k in (2, 3)]
+    assert [int(o.SourceImageSequence[0].ReferencedFrameNumber) for o in outlines] == [4, 8]
+    assert all("Outline" in o.DerivationDescription for o in outlines)
 
 
 def test_no_prostate_gives_no_segment(stand_in, cine: Image):
