@@ -98,7 +98,7 @@ def test_manifest_codes_and_light_import():
     assert codes == {
         LEFT_LUNG: ("91723000", "44029006"),
         RIGHT_LUNG: ("91723000", "3341006"),
-        BOTH_LUNGS: ("91723000", "39607008"),  # where the totals are measured: no mask of its own
+        BOTH_LUNGS: ("91723000", "39607008"),  # where the totals are measured
         LOW_ATTENUATION: ("49755003", "87433001"),
     }
     assert MANIFEST.series.body_parts == ["CHEST"]
@@ -243,20 +243,22 @@ def test_chest_ct_outputs_are_valid_dicom(chest: Case, tmp_path: Path):
         if path.suffix == ".dcm":
             assert_valid(path)
     seg = pydicom.dcmread(tmp_path / "SEG.dcm")
-    assert [s.SegmentLabel for s in seg.SegmentSequence] == [RIGHT_LUNG, LEFT_LUNG, LOW_ATTENUATION]
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == [RIGHT_LUNG, LEFT_LUNG, BOTH_LUNGS, LOW_ATTENUATION]
     sr = pydicom.dcmread(tmp_path / "SR.dcm")
     text = str(sr)
     for concept in CONCEPTS.values():
         assert concept.value in text
     report = hd.sr.srread(tmp_path / "SR.dcm").content
-    # the totals are a group named for what they measure, with its finding (not "whole image")
-    (both,) = report.get_image_measurement_groups()
-    assert both.tracking_identifier == BOTH_LUNGS and both.finding_type.value == "39607008"
-    assert {g.tracking_identifier for g in report.get_volumetric_roi_measurement_groups()} == {
-        RIGHT_LUNG, LEFT_LUNG, LOW_ATTENUATION}
-    # and each lung on its key slice, outlined, for viewers that show planar annotations
+    # the totals are a group named for what they measure, with its finding and its segment (not "whole image")
+    assert report.get_image_measurement_groups() == []
+    volumetric = {g.tracking_identifier: g for g in report.get_volumetric_roi_measurement_groups()}
+    assert set(volumetric) == {RIGHT_LUNG, LEFT_LUNG, BOTH_LUNGS, LOW_ATTENUATION}
+    assert volumetric[BOTH_LUNGS].finding_type.value == "39607008"
+    assert volumetric[BOTH_LUNGS].referenced_segment.referenced_segment_numbers == [3]
+    # and each segment on its key slice, outlined, for viewers that show planar annotations
     planar = {g.tracking_identifier.split(",")[0]: g for g in report.get_planar_roi_measurement_groups()}
-    assert set(planar) == {RIGHT_LUNG, LEFT_LUNG, LOW_ATTENUATION}
+    assert set(planar) == {RIGHT_LUNG, LEFT_LUNG, BOTH_LUNGS, LOW_ATTENUATION}
+    assert "largest part outlined" in planar[BOTH_LUNGS].tracking_identifier  # two lungs on the key slice
     volume = {g: [m.value for m in planar[g].get_measurements() if m.name.value == CONCEPTS["volume"].value]
               for g in (RIGHT_LUNG, LEFT_LUNG)}
     assert volume == {RIGHT_LUNG: [chest.value("volume", RIGHT_LUNG)], LEFT_LUNG: [chest.value("volume", LEFT_LUNG)]}

@@ -56,7 +56,7 @@ def test_chest_ct_to_lung_quant_to_orthanc_and_the_demo(setup, ct_dir: Path, tmp
     assert triage["state"] == "skipped" and "model unavailable" in triage["reason"], triage
     measured = {(m["concept"]["meaning"], m["segment"]): m["value"] for m in job["findings"]["measurements"]}
     right, left = measured[("Volume", "right lung")], measured[("Volume", "left lung")]
-    assert 1000 < left < right < 4000 and 2500 < measured[("Volume", None)] < 8000
+    assert 1000 < left < right < 4000 and 2500 < measured[("Volume", "both lungs")] < 8000
     assert any("slice thickness 5.0 mm" in w for w in job["warnings"])
     study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     counts = Counter(i["SOPClassUID"] for i in orthanc.study_instances(study_uid))

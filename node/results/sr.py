@@ -21,21 +21,17 @@ from node.results.common import (
     series_number,
     source_header,
 )
-from node.router import normalise_body_part
 from plugins.base import Findings, Image, Measurement, SourceRef
 
 # Procedure reported (TID 1500 row 4, CID 100 "Quantitative Diagnostic Imaging Procedures"): LOINC
-# "<modality> unspecified body region" from CID 100 per modality, LOINC 24627-2 "CT Chest" when the
-# series is a chest CT, and SCT 363679005 "Imaging procedure" (also in CID 100) for anything else.
-_CT_CHEST = CodedConcept("24627-2", "LN", "CT Chest")
+# "<modality> unspecified body region" for CT, MR, PET and NM, SCT 363679005 "Imaging procedure" for anything
+# else. CID 100 has no chest-CT code; LOINC 43468-8 "XR unspecified body region" was added to it after the
+# edition the PixelMed validator checks against, so X-ray reports the general code too.
 _PROCEDURES: dict[str, CodedConcept] = {
     "CT": CodedConcept("25045-6", "LN", "CT unspecified body region"),
     "MR": CodedConcept("25056-3", "LN", "MRI unspecified body region"),
     "PT": CodedConcept("44136-0", "LN", "PET unspecified body region"),
     "NM": CodedConcept("49118-3", "LN", "NM unspecified body region"),
-    "CR": CodedConcept("43468-8", "LN", "XR unspecified body region"),
-    "DX": CodedConcept("43468-8", "LN", "XR unspecified body region"),
-    "DR": CodedConcept("43468-8", "LN", "XR unspecified body region"),
 }
 _IMAGING_PROCEDURE = CodedConcept("363679005", "SCT", "Imaging procedure")
 
@@ -152,8 +148,9 @@ def encode_sr(
         if label in masks and measured and not _per_frame(findings, label):
             planar = _planar_region(masks[label], image)
             if planar is not None:
-                region, k = planar
+                region, k, parts = planar
                 where = "" if image.kind == "image2d" else f", key {_unit_word(image)} {k + 1}"
+                where += ", largest part outlined" if parts > 1 else ""
                 groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                     tracking_identifier=tracking(f"key:{label}", f"{label}{where}"), referenced_region=region,
                     **common))
@@ -209,7 +206,7 @@ def encode_sr(
         )
     )
     report = hd.sr.MeasurementReport(
-        observation_context=context, procedure_reported=_procedure(image, evidence[0]), imaging_measurements=groups
+        observation_context=context, procedure_reported=_procedure(image), imaging_measurements=groups
     )
     _insert_image_library(report, evidence)
     texts = [(SUMMARY, findings.summary)] if findings.summary.strip() else []
@@ -248,6 +245,7 @@ def encode_sr(
     )
     drop_incomplete_references(sr)
     declare_private_schemes(sr)
+    _standard_meanings(sr)
     prov.add_contributing_equipment(sr)
     return sr
 
@@ -296,13 +294,24 @@ def _source_for_segmentation(ref: SourceRef) -> hd.sr.SourceImageForSegmentation
     return hd.sr.SourceImageForSegmentation(ref.sop_class_uid, ref.sop_instance_uid, _frames(ref))
 
 
-def _procedure(image: Image, source: Dataset) -> CodedConcept:
-    body_parts = image.body_parts | normalise_body_part(
-        source.get("BodyPartExamined"), source.get("StudyDescription"), source.get("SeriesDescription")
-    )
-    if image.modality == "CT" and "CHEST" in body_parts:
-        return _CT_CHEST
+def _procedure(image: Image) -> CodedConcept:
     return _PROCEDURES.get(image.modality, _IMAGING_PROCEDURE)
+
+
+# Code meanings as PS3.16 spells them where highdicom capitalises differently (validators compare them).
+_MEANINGS = {("121233", "DCM"): "Source image for segmentation"}
+
+
+def _standard_meanings(ds: Dataset) -> None:
+    stack = [ds]
+    while stack:
+        item = stack.pop()
+        for element in item:
+            if element.VR == "SQ":
+                stack.extend(element.value)
+        meaning = _MEANINGS.get((str(item.get("CodeValue")), str(item.get("CodingSchemeDesignator"))))
+        if meaning is not None:
+            item.CodeMeaning = meaning
 
 
 def _per_frame(findings: Findings, label: str) -> bool:
@@ -318,18 +327,23 @@ def _unit_word(image: Image) -> str:
     return {"volume": "slice", "image2d": "image", "frames": "frame"}[image.kind]
 
 
-def _planar_region(mask: np.ndarray, image: Image) -> tuple[hd.sr.ImageRegion, int] | None:
+def _planar_region(mask: np.ndarray, image: Image) -> tuple[hd.sr.ImageRegion, int, int] | None:
     """The outline of a mask on its key slice/frame (the one with the largest area) as an image region on
-    that source image, with the slice/frame index; None for an empty mask."""
-    if image.kind == "image2d":
-        region = _region(mask, image.sources[0])
-        return None if region is None else (region, 0)
-    areas = mask.reshape(mask.shape[0], -1).sum(axis=1)
-    if not areas.any():
+    that source image, with the slice/frame index and the number of separate parts the mask has there (the
+    outline surrounds the largest; parts under a tenth of its area are not counted); None for an empty mask."""
+    k = 0
+    if image.kind != "image2d":
+        areas = mask.reshape(mask.shape[0], -1).sum(axis=1)
+        if not areas.any():
+            return None
+        k = int(np.argmax(areas))
+    layer = mask if image.kind == "image2d" else mask[k]
+    region = _region(layer, image.sources[k])
+    if region is None:
         return None
-    k = int(np.argmax(areas))
-    region = _region(mask[k], image.sources[k])
-    return None if region is None else (region, k)
+    labels, count = ndimage.label(layer)
+    sizes = ndimage.sum_labels(layer, labels, range(1, count + 1))
+    return region, k, int(np.count_nonzero(sizes >= 0.1 * sizes.max()))
 
 
 def _region(mask2d: np.ndarray, ref: SourceRef) -> hd.sr.ImageRegion | None:

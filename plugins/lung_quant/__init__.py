@@ -39,7 +39,7 @@ MANIFEST = Manifest(
             category=ANATOMICAL_STRUCTURE,
             type=Code(value="3341006", scheme="SCT", meaning="Right lung"),
         ),
-        # the measurement site of the totals: both lungs together (no mask of its own in the SEG)
+        # where the totals are measured: both lungs together
         SegmentSpec(
             label=BOTH_LUNGS,
             category=ANATOMICAL_STRUCTURE,

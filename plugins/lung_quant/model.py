@@ -141,6 +141,9 @@ class LungQuant(Plugin):
                 continue
             segmentations.append(Segmentation(label, mask))
             measurements += _measurements(stats[label], label)
+        # the totals are measured over both lungs: a segment of its own, so that the SR's group for them
+        # references a region (TID 1411) like the per-lung groups
+        segmentations.append(Segmentation(BOTH_LUNGS, lungs))
         measurements += _measurements(total, BOTH_LUNGS)
         laa_voxels = int(np.count_nonzero(laa))
         if laa_voxels:
