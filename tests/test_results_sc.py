@@ -99,7 +99,7 @@ def test_chest_ct_two_strongest_slices(chest, tmp_path: Path) -> None:
         assert sc.SeriesInstanceUID == PROV.uid(series_uid, "SC", "series") != source.SeriesInstanceUID
         assert sc.SOPInstanceUID == PROV.uid(series_uid, "SC", f"above-threshold:{z}")
         assert list(sc.PatientOrientation) == ["L", "P"]
-        assert sc.BodyPartExamined == "CHEST" and "Laterality" not in sc  # unpaired: Laterality not required
+        assert (sc.BodyPartExamined, sc.ImageLaterality) == ("CHEST", "U") and "Laterality" not in sc  # unpaired
         assert [float(v) for v in sc.PixelSpacing] == pytest.approx([float(v) for v in source.PixelSpacing])
         pixels = sc.pixel_array[: image.pixels.shape[1]].astype(int)
         hot = heat[z] >= 0.5  # strongly coloured: red channel dominates, unlike grey

@@ -139,6 +139,46 @@ def _values(value) -> list:
         value, (str, bytes)) else [value]
 
 
+# Normalised body parts (node.rules.BODY_PARTS, also BodyPartExamined Defined Terms) of unpaired structures.
+UNPAIRED_BODY_PARTS = frozenset({"CHEST", "HEAD", "NECK", "ABDOMEN", "PELVIS", "PROSTATE", "HEART", "WHOLEBODY",
+                                 "SPINE"})
+
+
+def body_parts(image, prov: Provenance) -> frozenset[str]:
+    """What the output shows: the body parts radnode recognised for the source series, else the one body part
+    the plugin's manifest is made for (a chest model's output is of the chest), else none."""
+    if image.body_parts:
+        return frozenset(image.body_parts)
+    wanted = {part.upper() for part in prov.manifest.series.body_parts}
+    return frozenset(wanted) if len(wanted) == 1 else frozenset()
+
+
+def set_laterality(ds: Dataset, source: Dataset, parts: frozenset[str], unknown: str) -> None:
+    """Laterality of a derived object, per the IOD rules (General Series Laterality is Type 2C: required for
+    a paired body part unless Image Laterality is sent): the source's Laterality or Image Laterality; else,
+    for a body part known to be unpaired (the source's BodyPartExamined or `parts`), BodyPartExamined and
+    Image Laterality "U" (unpaired); else, with nothing known, `unknown` "empty" sends Laterality empty (Type 2
+    unknown; what dciodvfy asks of a Secondary Capture) and "absent" leaves it out (what it asks of a SEG)."""
+    for keyword in ("Laterality", "ImageLaterality"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    if source.get("Laterality") in ("R", "L"):
+        ds.Laterality = source.Laterality
+        return
+    if source.get("ImageLaterality") in ("R", "L", "U", "B"):
+        ds.ImageLaterality = source.ImageLaterality
+        return
+    examined = str(source.get("BodyPartExamined") or "").strip().upper()
+    if not examined and len(parts) == 1:
+        examined = next(iter(parts))
+    if examined:
+        ds.BodyPartExamined = examined[:16]
+    if examined in UNPAIRED_BODY_PARTS:
+        ds.ImageLaterality = "U"
+    elif examined or unknown == "empty":
+        ds.Laterality = None  # a paired or unrecognised body part whose side nobody recorded: unknown
+
+
 def declare_private_schemes(ds: Dataset) -> None:
     """Add a Coding Scheme Identification item for every private coding scheme (designator "99...")
     the object's codes use, so a reader can tell where a code such as 99RADNODE LAA950 comes from."""

@@ -14,7 +14,13 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian
 
-from node.results.common import Provenance, complete_lossy_compression, series_number
+from node.results.common import (
+    Provenance,
+    body_parts,
+    complete_lossy_compression,
+    series_number,
+    set_laterality,
+)
 from node.results.seg import segment_colours
 from plugins.base import Findings, Heatmap, Image
 
@@ -76,31 +82,6 @@ def encode_sc(
     if findings.segmentations and "SEG" in prov.manifest.outputs and not _has_patient_geometry(image, sources):
         out += _outlines(findings, image, sources, prov, source_series_uid, max_images, len(out))
     return out
-
-
-# Normalised body parts (node.rules.BODY_PARTS) that are unpaired structures and BodyPartExamined Defined Terms.
-_UNPAIRED_BODY_PARTS = frozenset({"CHEST", "HEAD", "NECK", "ABDOMEN", "PELVIS", "PROSTATE", "HEART", "WHOLEBODY"})
-
-
-def _laterality(sc: Dataset, ds: Dataset, image: Image) -> None:
-    """General Series Laterality is Type 2C: required for a paired body part unless Image Laterality is sent.
-    The source's Laterality or Image Laterality when it has one; else its BodyPartExamined, or the unpaired
-    body part radnode recognised, which makes Laterality not required (left out); else empty (unknown)."""
-    if "Laterality" in sc:
-        del sc.Laterality
-    if ds.get("Laterality") in ("R", "L"):
-        sc.Laterality = ds.Laterality
-        return
-    if ds.get("ImageLaterality") in ("R", "L", "U", "B"):
-        sc.ImageLaterality = ds.ImageLaterality
-        return
-    examined = str(ds.get("BodyPartExamined") or "").strip()
-    if not examined and len(image.body_parts) == 1 and next(iter(image.body_parts)) in _UNPAIRED_BODY_PARTS:
-        examined = next(iter(image.body_parts))
-    if examined:
-        sc.BodyPartExamined = examined[:16]
-    else:
-        sc.Laterality = None
 
 
 def _has_patient_geometry(image: Image, sources: Mapping[str, Dataset]) -> bool:
@@ -308,7 +289,7 @@ def _sc(
     )
     if orientation is None:
         sc.PatientOrientation = None
-    _laterality(sc, ds, image)
+    set_laterality(sc, ds, body_parts(image, prov), unknown="empty")
     sc.BurnedInAnnotation = "YES"
     prov.add_contributing_equipment(sc)  # after the source's acquisition equipment that highdicom adds
     complete_lossy_compression(sc, [ds])

@@ -15,11 +15,13 @@ from pydicom.uid import UltrasoundImageStorage, UltrasoundMultiFrameImageStorage
 
 from node.results.common import (
     Provenance,
+    body_parts,
     coded,
     complete_lossy_compression,
     declare_private_schemes,
     drop_incomplete_references,
     series_number,
+    set_laterality,
     source_header,
 )
 from plugins.base import Findings, Image, SegmentSpec
@@ -166,6 +168,7 @@ def encode_seg(
     complete_lossy_compression(seg, [sources[s.sop_instance_uid] for s in image.sources[:1]])
     drop_incomplete_references(seg)
     declare_private_schemes(seg)
+    set_laterality(seg, sources[image.sources[0].sop_instance_uid], body_parts(image, prov), unknown="absent")
     if "FrameOfReferenceUID" not in seg:  # General Image: Patient Orientation (Type 2C) without a frame of reference
         seg.PatientOrientation = source_images[0].get("PatientOrientation", "")
     if prov.institution_name:
