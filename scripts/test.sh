@@ -8,13 +8,16 @@ PY=${PYTHON:-python3}
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
-# 1. Debian packages: DCMTK, Orthanc (+DICOMweb), dicom3tools (dciodvfy), PostgreSQL, Redis, and Chromium with
-#    its driver for the dashboard's browser test.
+# 1. Debian packages: DCMTK, Orthanc (+DICOMweb), dicom3tools (dciodvfy), PixelMed, PostgreSQL, Redis, and Chromium
+#    with its driver for the dashboard's and the OHIF viewer's browser tests.
 need_pkgs=()
 command -v storescu >/dev/null || need_pkgs+=(dcmtk)
 command -v Orthanc >/dev/null || need_pkgs+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_pkgs+=(orthanc-dicomweb)
 command -v dciodvfy >/dev/null || need_pkgs+=(dicom3tools)
+# PixelMed's validators (pixelmed-apps) and a Java runtime for them: every SEG and SR is checked with them
+command -v java >/dev/null || need_pkgs+=(default-jre-headless)
+[ -e /usr/share/java/pixelmed.jar ] || need_pkgs+=(pixelmed-apps)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_pkgs+=(postgresql)
 command -v redis-server >/dev/null || need_pkgs+=(redis-server)
 command -v chromium >/dev/null || need_pkgs+=(chromium)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 
 from node.offline import SeriesRun, group_series, infer_series
@@ -150,7 +151,13 @@ def make_us_case(data_root: Path, work: Path) -> Case:
         plugin.predict = bright_disc_network
         plugin.run = run_with_discs
 
-    return run_case("us-prostate-seg", MANIFEST, [data_root / US_FILE], work / "us-prostate-seg", models, adapt)
+    # as the default rules route it (BodyPart PROSTATE): the sample itself does not say what it shows
+    source = pydicom.dcmread(data_root / US_FILE)
+    source.BodyPartExamined = "PROSTATE"
+    (work / "us-source").mkdir(parents=True, exist_ok=True)
+    source.save_as(work / "us-source" / Path(US_FILE).name)
+    return run_case("us-prostate-seg", MANIFEST, [work / "us-source" / Path(US_FILE).name], work / "us-prostate-seg",
+                    models, adapt)
 
 
 MAKERS = {"ct": make_ct_case, "cxr": make_cxr_case, "us": make_us_case}
