@@ -255,13 +255,15 @@ def test_chest_ct_outputs_are_valid_dicom(chest: Case, tmp_path: Path):
     assert set(volumetric) == {RIGHT_LUNG, LEFT_LUNG, BOTH_LUNGS, LOW_ATTENUATION}
     assert volumetric[BOTH_LUNGS].finding_type.value == "39607008"
     assert volumetric[BOTH_LUNGS].referenced_segment.referenced_segment_numbers == [3]
-    # and each segment on its key slice, outlined, for viewers that show planar annotations
-    planar = {g.tracking_identifier.split(",")[0]: g for g in report.get_planar_roi_measurement_groups()}
+    # and each segment on its key slice, outlined, under the same tracking UID: OHIF shows the values there
+    planar = {g.tracking_identifier: g for g in report.get_planar_roi_measurement_groups()}
     assert set(planar) == {RIGHT_LUNG, LEFT_LUNG, BOTH_LUNGS, LOW_ATTENUATION}
-    assert "largest part outlined" in planar[BOTH_LUNGS].tracking_identifier  # two lungs on the key slice
-    volume = {g: [m.value for m in planar[g].get_measurements() if m.name.value == CONCEPTS["volume"].value]
+    assert all(planar[k].tracking_uid == volumetric[k].tracking_uid for k in planar)
+    volume = {g: [m.value for m in volumetric[g].get_measurements() if m.name.value == CONCEPTS["volume"].value]
               for g in (RIGHT_LUNG, LEFT_LUNG)}
     assert volume == {RIGHT_LUNG: [chest.value("volume", RIGHT_LUNG)], LEFT_LUNG: [chest.value("volume", LEFT_LUNG)]}
+    both = planar[BOTH_LUNGS].roi.value  # the hull around both lungs on the key slice spans the chest
+    assert np.ptp(both[:, 0]) > 0.5 * chest.image.pixels.shape[2]
 
 
 # --- the phantom ----------------------------------------------------------------------------------

@@ -53,7 +53,20 @@ class Case:
             sr = encode_sr(source_series_uid=self.series_uid, **args)
             sr.save_as(path)
         assert_valid(path)
+        _assert_every_finding_has_a_region(sr)
         return sr, hd.sr.srread(path)
+
+
+def _assert_every_finding_has_a_region(sr: Dataset) -> None:
+    """What OHIF needs to show an SR at all: each tracked finding (measurement groups sharing a Tracking UID,
+    which OHIF merges) has a SCOORD image region; one without stops OHIF's SR viewport."""
+    (measurements,) = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    regions: dict[str, bool] = {}
+    for group in measurements.ContentSequence:
+        (uid,) = [i.UID for i in group.ContentSequence if i.ValueType == "UIDREF"]
+        has = any(i.ValueType in ("SCOORD", "SCOORD3D") for i in group.ContentSequence)
+        regions[uid] = regions.get(uid, False) or has
+    assert regions and all(regions.values()), regions
 
 
 def _headers(paths: list[Path]) -> dict[str, Dataset]:
@@ -203,7 +216,9 @@ def test_ct_report_without_seg_round_trips(ct: Case, tmp_path: Path) -> None:
     assert device.manufacturer_name == "radnode" and device.model_name == ct.prov.model_name
     assert device.serial_number == ct.prov.device_serial_number and MANIFEST.name in device.name
 
-    (group,) = report.content.get_image_measurement_groups()
+    # without a SEG: one planar group, the measurements on the segment's outline on its key slice
+    assert report.content.get_image_measurement_groups() == []
+    (group,) = report.content.get_planar_roi_measurement_groups()
     spec = MANIFEST.segments[0]
     assert group.finding_type == _coded(spec.type) and group.finding_category == _coded(spec.category)
     assert group.tracking_identifier == spec.label
@@ -212,7 +227,7 @@ def test_ct_report_without_seg_round_trips(ct: Case, tmp_path: Path) -> None:
     assert len(ct.findings.measurements) == 2
     assert got == _expected(ct.findings, spec.label)  # CodedConcept equality ignores the meaning
     assert {u.meaning for _, _, u in got} == {"milliliter", "Hounsfield unit"}
-    assert len(group.source_images) == len(ct.image.sources)
+    assert group.roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
     assert _texts(report, SUMMARY) == [ct.findings.summary]
 
 
@@ -220,20 +235,22 @@ def test_ct_report_references_the_seg_segment(ct: Case, ct_seg: Dataset, tmp_pat
     sr, report = ct.encode(tmp_path, seg=ct_seg)
     _assert_header(sr, ct)
     assert report.content.get_image_measurement_groups() == []
-    (planar,) = report.content.get_planar_roi_measurement_groups()  # what OHIF-class viewers display
+    # beside the SEG-referencing group, the same finding (same tracking identifier and UID: viewers merge
+    # them) outlined on its key slice, without repeating the values
+    (planar,) = report.content.get_planar_roi_measurement_groups()
+    (group,) = report.content.get_volumetric_roi_measurement_groups()
     mask = ct.findings.segmentations[0].mask
     key = int(np.argmax(mask.reshape(mask.shape[0], -1).sum(axis=1)))
-    assert planar.tracking_identifier.startswith(f"{MANIFEST.segments[0].label}, key slice {key + 1}")
-    assert planar.reference_type == codes.DCM.ImageRegion
+    assert planar.tracking_identifier == group.tracking_identifier == MANIFEST.segments[0].label
+    assert planar.tracking_uid == group.tracking_uid
+    assert planar.reference_type == codes.DCM.ImageRegion and planar.get_measurements() == []
     region = planar.roi
     assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
     assert region.value[0].tolist() == region.value[-1].tolist()  # closed
-    cols, rows = np.round(region.value[:, 0] - 0.5).astype(int), np.round(region.value[:, 1] - 0.5).astype(int)
-    assert mask[key][rows, cols].all()  # every vertex is a boundary pixel of the mask on the key slice
     referenced = region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
     assert referenced == ct.image.sources[key].sop_instance_uid
-    assert _measurements(planar) == _expected(ct.findings, MANIFEST.segments[0].label)
-    (group,) = report.content.get_volumetric_roi_measurement_groups()
+    cols, rows = np.round(region.value[:, 0] - 0.5).astype(int), np.round(region.value[:, 1] - 0.5).astype(int)
+    assert mask[key][rows, cols].all()  # outline or hull: every vertex is a mask pixel of the key slice
     assert group.reference_type == codes.DCM.ReferencedSegment
     ref = group.referenced_segment
     assert ref.referenced_sop_instance_uid == ct_seg.SOPInstanceUID
@@ -247,9 +264,14 @@ def test_measurement_without_segment_goes_in_a_whole_series_group(ct: Case, tmp_
     index = Measurement(Code(value="ix", scheme="99RADNODE", meaning="Test index"), 0.42, "1")
     findings = dataclasses.replace(ct.findings, measurements=[*ct.findings.measurements, index])
     _, report = ct.encode(tmp_path, findings=findings)
-    groups = {g.tracking_identifier: g for g in report.content.get_image_measurement_groups()}
+    groups = {g.tracking_identifier: g for g in report.content.get_planar_roi_measurement_groups()}
     assert set(groups) == {"above-threshold", "whole series"}
     assert _measurements(groups["whole series"]) == _expected(findings, None)
+    border = groups["whole series"].roi  # the border of the middle slice: made on the whole series
+    rows, columns = ct.image.pixels.shape[1:]
+    assert border.value.tolist() == [[0, 0], [columns, 0], [columns, rows], [0, rows], [0, 0]]
+    middle = ct.image.sources[len(ct.image.sources) // 2].sop_instance_uid
+    assert border.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == middle
 
 
 def test_measurement_site_without_mask_is_a_named_group_with_its_finding(ct: Case, ct_seg: Dataset,
@@ -263,8 +285,7 @@ def test_measurement_site_without_mask_is_a_named_group_with_its_finding(ct: Cas
     findings = dataclasses.replace(ct.findings, measurements=[*ct.findings.measurements,
                                                               Measurement(volume, 4321.0, "mL", "both lungs")])
     _, report = ct.encode(tmp_path, findings=findings, seg=ct_seg, prov=Provenance(manifest))
-    (group,) = report.content.get_image_measurement_groups()
-    assert group.tracking_identifier == "both lungs"
+    (group,) = [g for g in report.content.get_planar_roi_measurement_groups() if g.tracking_identifier == "both lungs"]
     assert group.finding_type == _coded(site.type) and group.finding_category == _coded(site.category)
     assert _measurements(group) == _expected(findings, "both lungs")
 
@@ -276,7 +297,8 @@ def test_dx_classifications_round_trip(cxr: Case, tmp_path: Path) -> None:
     root = report.content[0]
     (procedure,) = hd.sr.utils.find_content_items(root, name=codes.DCM.ProcedureReported)
     assert procedure.ConceptCodeSequence[0].CodeValue == "363679005"  # SCT "Imaging procedure" (CID 100)
-    groups = report.content.get_image_measurement_groups()
+    assert report.content.get_image_measurement_groups() == []
+    groups = report.content.get_planar_roi_measurement_groups()  # made on the whole image: its border
     assert len(groups) == len(cxr.findings.classifications)
     for c, group in zip(cxr.findings.classifications, groups, strict=True):
         assert group.finding_type == _coded(c.concept)
@@ -287,7 +309,9 @@ def test_dx_classifications_round_trip(cxr: Case, tmp_path: Path) -> None:
         assert probability.name == PROBABILITY and probability.value == pytest.approx(c.probability)
         assert probability.unit.value == "1" and probability.unit.scheme_designator == "UCUM"
         assert _algorithm(group) == [CXR_MANIFEST.name, CXR_MANIFEST.version, f"threshold={c.threshold:g}"]
-        assert [s.referenced_sop_instance_uid for s in group.source_images] == list(cxr.sources)
+        rows, columns = cxr.image.pixels.shape
+        assert group.roi.value.tolist() == [[0, 0], [columns, 0], [columns, rows], [0, rows], [0, 0]]
+        assert group.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == next(iter(cxr.sources))
     assert [c.positive for c in cxr.findings.classifications] == [True, False]
 
 
@@ -302,7 +326,7 @@ def test_dx_segment_is_referenced_in_its_seg(cxr: Case, tmp_path: Path) -> None:
     _, report = cxr.encode(tmp_path, findings=findings, seg=seg)
     (group,) = report.content.get_volumetric_roi_measurement_groups()
     (planar,) = report.content.get_planar_roi_measurement_groups()
-    assert planar.tracking_identifier == "lung"  # an X-ray has one image: no key slice to name
+    assert planar.tracking_identifier == "lung" and planar.tracking_uid == group.tracking_uid
     assert planar.roi.value[:, 0].min() == 200.5 and planar.roi.value[:, 1].max() == 699.5  # the mask's border
     ref = group.referenced_segment
     assert ref.referenced_sop_instance_uid == seg.SOPInstanceUID and ref.referenced_segment_numbers == [1]
@@ -388,7 +412,7 @@ def test_ultrasound_area_per_frame_round_trips(data_root: Path, tmp_path: Path) 
     assert group.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
     assert _measurements(group) == [_expected(findings, "prostate")[0]]  # the whole-segment area only
     assert report.content.get_image_measurement_groups() == []
-    frames = report.content.get_planar_roi_measurement_groups()
+    frames = [g for g in report.content.get_planar_roi_measurement_groups() if "frame" in g.tracking_identifier]
     assert len(frames) == 3  # one group per frame, its region the outline on that frame
     for k, group in zip((2, 3, 4), frames, strict=True):
         assert group.tracking_identifier == f"prostate, frame {k + 1}"
@@ -399,3 +423,29 @@ def test_ultrasound_area_per_frame_round_trips(data_root: Path, tmp_path: Path) 
         assert value == pytest.approx(8800.0 + k) and unit.value == "mm2"
         assert group.finding_type == _coded(manifest.segments[0].type)
     assert "probe gain high" in _texts(report, COMMENT)
+
+
+def test_outline_traces_one_part_and_hulls_several() -> None:
+    from node.results.sr import outline_polyline
+
+    assert outline_polyline(np.zeros((8, 8), bool)) is None
+    ring = np.zeros((20, 20), bool)
+    ring[4:15, 3:12] = True
+    ring[8:11, 6:9] = False  # a hole: filled, the outline is the outer boundary
+    points = outline_polyline(ring)
+    assert points[0].tolist() == points[-1].tolist()
+    cols, rows = (points[:, 0] - 0.5).astype(int), (points[:, 1] - 0.5).astype(int)
+    assert ring[rows, cols].all()
+    assert {(c, r) for c, r in zip(cols.tolist(), rows.tolist(), strict=True)} == {
+        (c, r) for r in range(4, 15) for c in range(3, 12) if r in (4, 14) or c in (3, 11)}  # every border pixel
+    pixel = np.zeros((5, 5), bool)
+    pixel[2, 3] = True
+    assert outline_polyline(pixel).tolist() == [[3, 2], [4, 2], [4, 3], [3, 3], [3, 2]]  # its square
+    two = np.zeros((20, 40), bool)
+    two[5:15, 2:10] = two[5:15, 25:35] = True
+    two[0, 39] = True  # a speck under a tenth of the largest part: ignored
+    hull = outline_polyline(two)
+    assert hull[:, 0].min() == 2.5 and hull[:, 0].max() == 34.5 and hull[:, 1].min() == 5.5
+    long = np.zeros((400, 400), bool)
+    long[50:350, 50:350] = True
+    assert len(outline_polyline(long, max_points=64)) <= 64

@@ -277,7 +277,7 @@ def test_masks_areas_and_outputs_on_the_frames_with_the_prostate(stand_in, cine:
     assert np.array_equal(np.asarray(stored.get_stored_frame(2)).astype(bool), seg.mask[7])
     report = hd.sr.srread(tmp_path / "SR.dcm")
     assert report.content.get_image_measurement_groups() == []
-    groups = report.content.get_planar_roi_measurement_groups()  # one group per frame: the outline on it
+    groups = [g for g in report.content.get_planar_roi_measurement_groups() if "frame" in g.tracking_identifier]
     refs = [g.roi.ContentSequence[0].ReferencedSOPSequence[0] for g in groups]
     assert [int(r.ReferencedFrameNumber) for r in refs] == [4, 8]
     assert [g.tracking_identifier for g in groups] == ["prostate, frame 4", "prostate, frame 8"]

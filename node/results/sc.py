@@ -7,12 +7,12 @@ from typing import Any
 
 import highdicom as hd
 import numpy as np
-from scipy import ndimage
 from PIL import Image as PILImage
 from PIL import ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian
+from scipy import ndimage
 
 from node.results.common import (
     Provenance,

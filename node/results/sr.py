@@ -9,8 +9,9 @@ import highdicom as hd
 import numpy as np
 from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
-from scipy import ndimage
 from pydicom.sr.codedict import codes
+from scipy import ndimage
+from scipy.spatial import ConvexHull
 
 from node.results.common import (
     Provenance,
@@ -87,19 +88,21 @@ def encode_sr(
         raise ValueError("the SEG belongs to another study than the source images")
     manifest = prov.manifest
     algorithm = hd.sr.AlgorithmIdentification(name=manifest.name, version=manifest.version)
-    source_images = [
-        hd.sr.SourceImageForMeasurementGroup(s.sop_class_uid, s.sop_instance_uid, _frames(s)) for s in image.sources
-    ]
 
     def tracking(key: str, label: str) -> hd.sr.TrackingIdentifier:
         return hd.sr.TrackingIdentifier(uid=prov.uid(source_series_uid, "SR", f"tracking:{key}"), identifier=label)
 
-    groups: list[hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]
-    groups = []
+    # Every measurement group carries an image region, as viewers that draw SR annotations (OHIF) require
+    # (a group without one stops OHIF's SR viewport): a segment's outline on its key slice, or, for what has no
+    # location of its own (a classification, a whole-series measurement), the border of the image it was made
+    # on (the middle slice/frame of a series).
+    groups: list = []
+    whole_image = _border_region(image)
     for c in findings.classifications:
         groups.append(
-            hd.sr.MeasurementsAndQualitativeEvaluations(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=tracking(f"finding:{c.concept.scheme}:{c.concept.value}", c.concept.meaning),
+                referenced_region=whole_image,
                 finding_type=coded(c.concept),
                 algorithm_id=hd.sr.AlgorithmIdentification(
                     name=manifest.name, version=manifest.version, parameters=[f"threshold={c.threshold:g}"]
@@ -108,7 +111,6 @@ def encode_sr(
                 qualitative_evaluations=[
                     hd.sr.QualitativeEvaluation(coded(c.concept), PRESENT if c.positive else ABSENT)
                 ],
-                source_images=source_images,
             )
         )
 
@@ -122,16 +124,17 @@ def encode_sr(
         if label not in specs:
             raise ValueError(f"segment {label!r} is not declared in the manifest of {manifest.name}")
         spec = specs[label]
-        measured = [m for m in findings.measurements if m.segment == label and m.frame is None]
-        common = dict(
-            finding_type=coded(spec.type),
-            finding_category=coded(spec.category),
-            algorithm_id=algorithm,
-            measurements=[_measurement(m) for m in measured] or None,
-        )
+        measured = [_measurement(m) for m in findings.measurements if m.segment == label and m.frame is None]
+        if not measured and _per_frame(findings, label):
+            continue  # its measurements are per frame (below)
+        finding = dict(finding_type=coded(spec.type), finding_category=coded(spec.category), algorithm_id=algorithm)
+        ident = tracking(f"segment:{label}", label)
+        region = _key_region(masks[label], image) if label in masks else None
         if label in in_seg:
-            # TID 1411 for 2D too: TID 1410's "Referenced Segmentation Frame" as highdicom writes it
-            # carries both ReferencedFrameNumber and ReferencedSegmentNumber, which dciodvfy rejects
+            # the measurements with the SEG segment (TID 1411; also for 2-D: TID 1410's "Referenced Segmentation
+            # Frame" as highdicom writes it carries both ReferencedFrameNumber and ReferencedSegmentNumber, which
+            # dciodvfy rejects), and beside it, under the same tracking identifier and UID (the same finding),
+            # the segment's outline on its key slice: viewers merge the two into one annotation with the values
             ref = hd.sr.ReferencedSegment(
                 sop_class_uid=seg.SOPClassUID,
                 sop_instance_uid=seg.SOPInstanceUID,
@@ -139,56 +142,41 @@ def encode_sr(
                 source_images=[_source_for_segmentation(s) for s in image.sources],
             )
             groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=tracking(f"segment:{label}", label), referenced_segment=ref, **common))
-        else:
-            groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=tracking(f"segment:{label}", label), source_images=source_images, **common))
-        # the same segment's measurements on its key slice (largest area), outlined: what viewers that show
-        # only planar annotations (OHIF) display; a frame-wise image has per-frame groups below instead
-        if label in masks and measured and not _per_frame(findings, label):
-            planar = _planar_region(masks[label], image)
-            if planar is not None:
-                region, k, parts = planar
-                where = "" if image.kind == "image2d" else f", key {_unit_word(image)} {k + 1}"
-                where += ", largest part outlined" if parts > 1 else ""
+                tracking_identifier=ident, referenced_segment=ref, measurements=measured or None, **finding))
+            if region is not None:
                 groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                    tracking_identifier=tracking(f"key:{label}", f"{label}{where}"), referenced_region=region,
-                    **common))
+                    tracking_identifier=ident, referenced_region=region, **finding))
+        else:
+            groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=ident, referenced_region=region or whole_image, measurements=measured or None,
+                **finding))
 
-    # per-frame measurements (an ultrasound frame's area): one group per (segment, frame), its source the frame,
-    # its region the segment's outline on that frame when there is a mask
+    # per-frame measurements (an ultrasound frame's area): one group per (segment, frame), its region the
+    # segment's outline on that frame when there is a mask there, else the frame's border
     per_frame: dict[tuple[str | None, int], list] = {}
     for m in findings.measurements:
         if m.frame is not None:
             per_frame.setdefault((m.segment, m.frame), []).append(_measurement(m))
     for (label, k), items in sorted(per_frame.items(), key=lambda kv: (kv[0][0] or "", kv[0][1])):
         ref = image.sources[k]
-        key = f"frame:{label or 'image'}:{k}"
         extra = {} if label is None else {"finding_type": coded(specs[label].type),
                                           "finding_category": coded(specs[label].category)}
-        name = f"{label or _series_word(image)}, {_unit_word(image)} {k + 1}"
         region = None
         if label in masks:
-            layer = masks[label] if image.kind == "image2d" else masks[label][k]
-            region = _region(layer, ref)
-        if region is not None:
-            groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=tracking(key, name), algorithm_id=algorithm, measurements=items,
-                referenced_region=region, **extra))
-        else:
-            groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=tracking(key, name), algorithm_id=algorithm, measurements=items,
-                source_images=[hd.sr.SourceImageForMeasurementGroup(ref.sop_class_uid, ref.sop_instance_uid,
-                                                                    _frames(ref))],
-                **extra))
+            region = _region(masks[label] if image.kind == "image2d" else masks[label][k], ref)
+        groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking(f"frame:{label or 'image'}:{k}",
+                                         f"{label or _series_word(image)}, {_unit_word(image)} {k + 1}"),
+            referenced_region=region or _border_region(image, k), algorithm_id=algorithm, measurements=items,
+            **extra))
     whole = [_measurement(m) for m in findings.measurements if m.segment is None and m.frame is None]
     if whole or not groups:
         groups.append(
-            hd.sr.MeasurementsAndQualitativeEvaluations(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=tracking("image", _series_word(image)),
+                referenced_region=whole_image,
                 algorithm_id=algorithm,
                 measurements=whole or None,
-                source_images=source_images,
             )
         )
 
@@ -327,23 +315,30 @@ def _unit_word(image: Image) -> str:
     return {"volume": "slice", "image2d": "image", "frames": "frame"}[image.kind]
 
 
-def _planar_region(mask: np.ndarray, image: Image) -> tuple[hd.sr.ImageRegion, int, int] | None:
-    """The outline of a mask on its key slice/frame (the one with the largest area) as an image region on
-    that source image, with the slice/frame index and the number of separate parts the mask has there (the
-    outline surrounds the largest; parts under a tenth of its area are not counted); None for an empty mask."""
+def _key_region(mask: np.ndarray, image: Image) -> hd.sr.ImageRegion | None:
+    """Where a mask is on the image, for a planar annotation: its outline on its key slice/frame (the one where
+    it is largest); None for an empty mask."""
     k = 0
     if image.kind != "image2d":
         areas = mask.reshape(mask.shape[0], -1).sum(axis=1)
         if not areas.any():
             return None
         k = int(np.argmax(areas))
-    layer = mask if image.kind == "image2d" else mask[k]
-    region = _region(layer, image.sources[k])
-    if region is None:
-        return None
-    labels, count = ndimage.label(layer)
-    sizes = ndimage.sum_labels(layer, labels, range(1, count + 1))
-    return region, k, int(np.count_nonzero(sizes >= 0.1 * sizes.max()))
+    return _region(mask if image.kind == "image2d" else mask[k], image.sources[k])
+
+
+def _border_region(image: Image, index: int | None = None) -> hd.sr.ImageRegion:
+    """The border of a whole image (the middle slice/frame of a series unless `index` is given): the region of
+    a finding or measurement made on the whole input."""
+    k = 0 if image.kind == "image2d" else (len(image.sources) // 2 if index is None else index)
+    rows, columns = image.pixels.shape[:2] if image.kind == "image2d" else image.pixels.shape[1:3]
+    corners = np.array([(0, 0), (columns, 0), (columns, rows), (0, rows), (0, 0)], dtype=np.float32)
+    ref = image.sources[k]
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=corners,
+        source_image=hd.sr.SourceImageForRegion(ref.sop_class_uid, ref.sop_instance_uid, _frames(ref)),
+    )
 
 
 def _region(mask2d: np.ndarray, ref: SourceRef) -> hd.sr.ImageRegion | None:
@@ -363,15 +358,20 @@ _RING = ((-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1), (-1, -1))
 
 
 def outline_polyline(mask2d: np.ndarray, max_points: int = 256) -> np.ndarray | None:
-    """The boundary of the largest connected component of a 2-D mask (holes filled), traced clockwise by
-    Moore-neighbour tracing through the boundary pixels' centres, as SCOORD graphic data: (column, row) image
-    coordinates (0.0, 0.0 is the top-left corner of the top-left pixel), closed (last point = first), at most
-    `max_points` points. A component too small to trace (one pixel, one line) gives its pixels' bounding
-    rectangle. None when the mask is empty."""
+    """The outline of a 2-D mask as SCOORD graphic data: (column, row) image coordinates (0.0, 0.0 is the
+    top-left corner of the top-left pixel), closed (last point = first), at most `max_points` points.
+
+    One part (parts under a tenth of the largest one's area are ignored): its boundary (holes filled), traced
+    clockwise by Moore-neighbour tracing through the boundary pixels' centres; a part too small to trace (one
+    pixel, one line) gives its pixels' bounding rectangle. Several parts (two lungs, scattered lesions): the
+    convex hull around them. None when the mask is empty."""
     labels, count = ndimage.label(mask2d)
     if count == 0:
         return None
     sizes = ndimage.sum_labels(mask2d, labels, range(1, count + 1))
+    parts = np.flatnonzero(sizes >= 0.1 * sizes.max()) + 1
+    if len(parts) > 1:
+        return _hull(np.isin(labels, parts), max_points)
     component = ndimage.binary_fill_holes(labels == int(np.argmax(sizes)) + 1)
     padded = np.pad(component, 1)
     rows, cols = np.nonzero(padded)
@@ -402,6 +402,16 @@ def outline_polyline(mask2d: np.ndarray, max_points: int = 256) -> np.ndarray | 
     points = [(c - 1 + 0.5, r - 1 + 0.5) for r, c in kept]
     points.append(points[0])
     return np.asarray(points, dtype=np.float32)
+
+
+def _hull(mask2d: np.ndarray, max_points: int) -> np.ndarray:
+    """The convex hull of a mask's pixel centres, clockwise on the image, closed."""
+    rows, cols = np.nonzero(mask2d ^ ndimage.binary_erosion(mask2d))  # boundary pixels suffice for the hull
+    points = np.column_stack([cols + 0.5, rows + 0.5]).astype(np.float64)
+    hull = points[ConvexHull(points).vertices]  # counter-clockwise in (x, y) = clockwise on the image (y down)
+    stride = max(1, -(-len(hull) // (max_points - 1)))
+    hull = hull[::stride]
+    return np.vstack([hull, hull[:1]]).astype(np.float32)
 
 
 def _insert_image_library(report: hd.sr.MeasurementReport, evidence: list[Dataset]) -> None:
@@ -438,4 +448,6 @@ def _insert_image_library(report: hd.sr.MeasurementReport, evidence: list[Datase
 
 
 # SEG and SR sources are not images: no Image Library entry.
-_NON_IMAGES = frozenset({"1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.88.33"})
+_NON_IMAGES = frozenset(
+    {"1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.88.33"}
+)

@@ -360,7 +360,8 @@ class ChestTriage(Plugin):
         return Findings(
             classifications=[pathology, *findings],
             measurements=[Measurement(MISSING_SLICES, missing, "%")],
-            heatmaps=[Heatmap(HEATMAP_NAME, heatmap_on_image(cam, prepared), quantity="Grad-CAM relevance for pathology")],
+            heatmaps=[Heatmap(HEATMAP_NAME, heatmap_on_image(cam, prepared),
+                              quantity="Grad-CAM relevance for pathology")],
             warnings=warnings,
             summary=summary,
         )

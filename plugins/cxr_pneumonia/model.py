@@ -252,7 +252,8 @@ class CxrPneumonia(Plugin):
             summary = f"{self.config.classes[1 - self.config.positive]} (p={1.0 - probability:.2f})"
         heatmaps, warnings = [], []
         if rollout is not None:
-            heatmaps.append(Heatmap(HEATMAP, heatmap_to_image(rollout[0], box), quantity="attention rollout (relative)"))
+            heatmaps.append(Heatmap(HEATMAP, heatmap_to_image(rollout[0], box),
+                                    quantity="attention rollout (relative)"))
         else:
             warnings.append("the ONNX model has no attention output: no heatmap")
         return Findings(classifications=[finding], heatmaps=heatmaps, warnings=warnings, summary=summary)
