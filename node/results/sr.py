@@ -17,7 +17,6 @@ from node.results.common import (
     Provenance,
     coded,
     declare_private_schemes,
-    derive_uid,
     drop_incomplete_references,
     series_number,
     source_header,
@@ -143,9 +142,8 @@ def encode_sr(
             )
             groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=ident, referenced_segment=ref, measurements=measured or None, **finding))
-            if region is not None:
-                groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                    tracking_identifier=ident, referenced_region=region, **finding))
+            groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=ident, referenced_region=region or whole_image, **finding))
         else:
             groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=ident, referenced_region=region or whole_image, measurements=measured or None,
@@ -182,7 +180,7 @@ def encode_sr(
 
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         # identifies the device (this node's serial + the plugin version), not the job
-        uid=derive_uid(prov.device_serial_number, manifest.name, manifest.version, "device", 0),
+        uid=prov.device_uid,
         name=f"{prov.model_name}: {manifest.name} {manifest.version}",
         manufacturer_name=prov.manufacturer,
         model_name=prov.model_name,
