@@ -79,6 +79,22 @@ if [ ! -x .venv/bin/caddy ]; then
   rm -rf "$tmp"
 fi
 
+# 4d. The OHIF viewer for tests/test_viewer_ohif.py: the prebuilt app (its dist/ folder) from the npm registry,
+#     version and checksum pinned as in tests/ohif.py; unpacked under .cache/ohif/ (git-ignored). A test fixture,
+#     not a runtime dependency of radnode.
+OHIF_VERSION=3.13.2
+OHIF_SHA256=b189d3963bfc58e9394a9db8c7be75d07beb029ec211dbb126d47b62969dd3f1
+if [ ! -f ".cache/ohif/app-$OHIF_VERSION/dist/index.html" ]; then
+  command -v npm >/dev/null || { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq npm >/dev/null; }
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack --silent "@ohif/app@$OHIF_VERSION" >/dev/null)
+  echo "$OHIF_SHA256  $tmp/ohif-app-$OHIF_VERSION.tgz" | sha256sum -c --quiet
+  tar -xzf "$tmp/ohif-app-$OHIF_VERSION.tgz" -C "$tmp"
+  mkdir -p .cache/ohif && rm -rf ".cache/ohif/app-$OHIF_VERSION"
+  mv "$tmp/package" ".cache/ohif/app-$OHIF_VERSION"
+  rm -rf "$tmp"
+fi
+
 # 5. The suite. Nothing may be fetched from a model hub at run time.
 export HF_HUB_OFFLINE=1
 export RADNODE_TEST_DATA=${RADNODE_TEST_DATA:-$ROOT/../shared/data}

@@ -1,9 +1,15 @@
 """A real OHIF viewer for the tests: the prebuilt @ohif/app from the npm registry, served by a small Python HTTP
 server that also proxies /dicom-web/ to a test Orthanc, driven by headless Chromium through Selenium.
 
-    install_ohif()                        -> the dist folder (npm pack, checksum pinned, under .cache/ohif/)
-    OhifServer(dist, orthanc).start()     -> http://127.0.0.1:PORT, one origin for the app and DICOMweb
-    Viewer(server, artefacts).open_study(uid) ... .sr_measurements() / .seg_segments() / .screenshot(name)
+    install_ohif()                     -> the dist folder (npm pack, checksum pinned, under .cache/ohif/)
+    OhifServer(dist, orthanc_url)      -> http://127.0.0.1:PORT, one origin for the app and the proxied DICOMweb
+    Viewer(server, artefacts)          -> headless Chromium on it; screenshots + console.log + http.log in artefacts
+        .open_study(uid)                  open /viewer?StudyInstanceUIDs=uid, wait for the first image
+        .open_sr(description) -> SrView   double-click the SR series: crash (error boundary), annotation text lines,
+                                          shapes drawn, hydrate prompt
+        .open_seg(description) -> labels  double-click the SEG, answer Yes to "open this Segmentation?", list segments
+        .select_segment(label); .overlay_fraction()   jump to a segment; share of pixels the overlay changes
+        .check_no_error(where); .foreign_requests(); .screenshot(name)
 
 Nothing is fetched from the internet: Chromium resolves every host other than 127.0.0.1 to nothing, and the
 requests that were made are listed by `Viewer.foreign_requests()`.
@@ -45,7 +51,6 @@ CHROMIUM_ARGS = (
     # no host but loopback resolves: a CDN font or a telemetry call fails at once instead of hanging the test
     "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
 )
-ERROR_TEXTS = ("Something went wrong", "Error:", "Cannot read properties")
 
 
 def install_ohif(dist: Path = OHIF_DIST) -> Path:
@@ -112,9 +117,28 @@ def app_config(origin: str) -> str:
             }
         ],
     }
-    # the first-visit tour would cover the viewport in every screenshot (a fresh profile is a first visit)
-    no_tour = "try { localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour'])); } catch (e) {}\n"
-    return no_tour + f"window.config = {json.dumps(config, indent=2)};\n"
+    return _PRELUDE_JS + f"window.config = {json.dumps(config, indent=2)};\n"
+
+
+# Runs before the app: no first-visit tour over the viewport (a fresh profile is a first visit), and a record of
+# every error OHIF's error boundary catches (its toast disappears after a few seconds; this list does not).
+_PRELUDE_JS = """
+try { localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour'])); } catch (e) {}
+window.__radnode = { boundary: [], errors: [] };
+(function () {
+  const text = e => (e && (e.stack || e.message)) ? String(e.stack || e.message) : String(e);
+  const debug = console.debug.bind(console);
+  console.debug = function (...args) {
+    if (typeof args[0] === 'string' && args[0].endsWith('Error Boundary')) {
+      window.__radnode.boundary.push(args[0] + ': ' + text(args[1]));
+    }
+    return debug(...args);
+  };
+  window.addEventListener('error', e => window.__radnode.errors.push('error: ' + text(e.error || e.message)));
+  window.addEventListener('unhandledrejection',
+                          e => window.__radnode.errors.push('unhandledrejection: ' + text(e.reason)));
+})();
+"""
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -122,7 +146,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     server: _Server
 
     def log_message(self, fmt, *args) -> None:  # into the server's list, not stderr
-        self.server.log.append(f"{self.command} {self.path} -> {fmt % args}")
+        self.server.log.append(fmt % args)
 
     def do_GET(self) -> None:  # noqa: N802
         self._route()
@@ -259,14 +283,34 @@ class ViewerError(AssertionError):
 
 
 @dataclass
-class Measurement:
-    label: str  # the row's title in the measurements panel (OHIF: tracking identifier / first label)
-    values: list[str] = field(default_factory=list)  # the row's value lines, e.g. "Volume: 3202.00 ml"
+class SrView:
+    """What OHIF showed for one SR display set."""
+
+    crashed: list[str]  # errors OHIF's error boundary caught while loading it (empty: no crash)
+    annotations: list[list[str]]  # per annotation drawn on the current image: its text lines ("Area: 1.60 cm2")
+    shapes: int  # SVG shapes (polylines, ellipses, points' lines) drawn in the viewport
+    hydrate_prompt: bool  # OHIF offered to "track" (hydrate) the SR's measurements
+    panel: list[str] = field(default_factory=list)  # rows of the measurements panel (after hydrate())
+
+    @property
+    def lines(self) -> list[str]:
+        return [line for a in self.annotations for line in a]
 
 
-# JavaScript run in the page. OHIF 3.13's panels are React components with data-cy attributes; the fallbacks read
-# the visible text so a renamed attribute shows up as an empty list in the report rather than as a crash.
-_JS_PANEL_TEXT = """
+# The SVG layer the cornerstone tools draw into: the number of shapes, and each annotation's text box lines.
+_JS_SVG = """
+const layers = [...document.querySelectorAll('svg.svg-layer')];
+const shapes = layers.reduce((n, l) => n + l.querySelectorAll('polyline, path, circle, ellipse, rect, line').length, 0);
+const notes = [];
+for (const l of layers) for (const g of l.querySelectorAll('g[data-annotation-uid]')) {
+  const lines = [...g.querySelectorAll('tspan')].map(t => t.textContent);
+  if (lines.length) notes.push(lines);
+}
+return {shapes: shapes, notes: notes};
+"""
+
+# innerText of every element with a data-cy attribute, by attribute value (OHIF 3.13 marks its UI with data-cy).
+_JS_DATA_CY = """
 const out = {};
 for (const el of document.querySelectorAll('[data-cy]')) {
   const k = el.getAttribute('data-cy');
@@ -286,10 +330,16 @@ class Viewer:
         artefacts.mkdir(parents=True, exist_ok=True)
         self._profile = profile or Path(tempfile.mkdtemp(prefix="ohif-chromium-"))
         self._own_profile = profile is None
-        self.driver = chromium(self._profile)
+        try:
+            self.driver = chromium(self._profile)
+        except BaseException:  # a skip (no Chromium) or a failed start: leave no profile folder behind
+            if self._own_profile:
+                shutil.rmtree(self._profile, ignore_errors=True)
+            raise
         self.driver.set_page_load_timeout(120)
         self.console: list[dict] = []
         self._shots = 0
+        self._log_start = len(server.log)
 
     # --- lifecycle -------------------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -320,7 +370,7 @@ class Viewer:
     def _write_console(self) -> None:
         lines = [f"{e.get('level')} {e.get('message')}" for e in self.console]
         (self.artefacts / "console.log").write_text("\n".join(lines) + "\n")
-        (self.artefacts / "http.log").write_text("\n".join(self.server.log) + "\n")
+        (self.artefacts / "http.log").write_text("\n".join(self.server.log[self._log_start:]) + "\n")
 
     def console_errors(self) -> list[str]:
         self.collect_console()
@@ -335,8 +385,20 @@ class Viewer:
     def body_text(self) -> str:
         return self.driver.execute_script("return document.body ? document.body.innerText : ''") or ""
 
+    def boundary_errors(self) -> list[str]:
+        """Every error OHIF's error boundaries caught since the page loaded ("Route viewer Error Boundary: TypeError:
+        ..."), whether or not its "Something went wrong" toast is still on screen."""
+        return self.driver.execute_script("return (window.__radnode || {}).boundary || []") or []
+
+    def page_errors(self) -> list[str]:
+        """Uncaught errors and unhandled promise rejections in the page since it loaded."""
+        return self.driver.execute_script("return (window.__radnode || {}).errors || []") or []
+
     def error_page(self) -> str | None:
-        """The text of OHIF's error boundary when it is shown (the whole app or one panel/viewport), else None."""
+        """What OHIF's error boundary caught (or its "Something went wrong" text on screen), else None."""
+        caught = self.boundary_errors()
+        if caught:
+            return "\n".join(caught)
         text = self.body_text()
         if "Something went wrong" in text:
             return text
@@ -406,7 +468,7 @@ class Viewer:
 
     def data_cy(self) -> dict[str, list[str]]:
         """innerText of every element with a data-cy attribute, by attribute value."""
-        return self.driver.execute_script(_JS_PANEL_TEXT) or {}
+        return self.driver.execute_script(_JS_DATA_CY) or {}
 
     def thumbnails(self) -> list[str]:
         """The study browser's series thumbnails' descriptions (their visible text)."""
@@ -415,18 +477,111 @@ class Viewer:
                    .map(e => e.innerText);
         """) or []
 
-    def double_click_thumbnail(self, text: str) -> None:
-        """Double-click the series thumbnail whose text contains `text` (loads it into the active viewport)."""
+    def double_click_thumbnail(self, text: str, timeout: float = 30) -> None:
+        """Double-click the series thumbnail whose text contains `text` (loads it into the active viewport); the
+        study browser fills in after the first image, so wait for it."""
         from selenium.webdriver.common.action_chains import ActionChains
 
-        el = self.driver.execute_script("""
-            const t = arguments[0];
-            const all = [...document.querySelectorAll('[data-cy^="study-browser-thumbnail"], [data-cy="thumbnail"]')];
-            return all.find(e => e.innerText.includes(t)) || null;
-        """, text)
-        if el is None:
-            raise ViewerError(f"no thumbnail with {text!r}; thumbnails: {self.thumbnails()}")
+        def find():
+            return self.driver.execute_script("""
+                const sel = '[data-cy^="study-browser-thumbnail"], [data-cy="thumbnail"]';
+                return [...document.querySelectorAll(sel)].find(e => e.innerText.includes(arguments[0])) || null;
+            """, text)
+
+        try:
+            el = self.wait(find, timeout, f"the thumbnail {text!r}")
+        except ViewerError as exc:
+            raise ViewerError(f"no thumbnail with {text!r}; thumbnails: {self.thumbnails()}") from exc
         ActionChains(self.driver).double_click(el).perform()
+    def _click(self, data_cy: str) -> bool:
+        return bool(self.driver.execute_script(
+            "const b = document.querySelector(`[data-cy=\"${arguments[0]}\"]`); if (b) { b.click(); return true; }"
+            " return false;", data_cy))
+
+    def open_panel(self, which: str) -> None:
+        """Open a right-hand panel: 'measurements' or 'segmentation' (a no-op when it is already open)."""
+        button = {"measurements": "trackedMeasurements-btn", "segmentation": "panelSegmentation-btn"}[which]
+        if not self._click(button):
+            raise ViewerError(f"no {button} button; the mode may not have a {which} panel")
+        time.sleep(0.5)
+
+    def panel_rows(self) -> list[str]:
+        """The rows (data-row) of the open panel(s), each as its visible text on one line."""
+        rows = self.driver.execute_script(
+            "return [...document.querySelectorAll('[data-cy=\"data-row\"]')].map(e => e.innerText);") or []
+        return [" / ".join(x.strip() for x in r.splitlines() if x.strip()) for r in rows]
+
+    def svg(self) -> dict:
+        return self.driver.execute_script(_JS_SVG) or {"shapes": 0, "notes": []}
+
+    def hydrate_prompt(self) -> bool:
+        """OHIF asks "Do you want to open this Segmentation?" / "... continue tracking measurements ...?"."""
+        return bool(self.driver.find_elements("css selector", '[data-cy="yes-hydrate-btn"]'))
+
+    def hydrate(self, timeout: float = 30) -> None:
+        """Answer Yes to the hydrate prompt (load the SEG / track the SR's measurements)."""
+        self.wait(self.hydrate_prompt, timeout, "the hydrate prompt")
+        self._click("yes-hydrate-btn")
+        self.wait(lambda: not self.hydrate_prompt(), timeout, "the hydrate prompt to close")
+
+    def open_sr(self, description: str, timeout: float = 60, settle: float = 3) -> SrView:
+        """Double-click the SR series whose thumbnail shows `description` and report what OHIF made of it.
+
+        Does not raise when OHIF's error boundary catches an error: that is the `crashed` field."""
+        self.double_click_thumbnail(description)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.boundary_errors() or self.svg()["shapes"] or self.hydrate_prompt():
+                break
+            time.sleep(0.5)
+        time.sleep(settle)  # the remaining annotations and the prompt come a moment later
+        drawn = self.svg()
+        view = SrView(crashed=self.boundary_errors(), annotations=drawn["notes"], shapes=drawn["shapes"],
+                      hydrate_prompt=self.hydrate_prompt())
+        self.screenshot("sr")
+        return view
+
+    def open_seg(self, description: str, timeout: float = 90) -> list[str]:
+        """Double-click the SEG series with `description`, answer Yes to "open this Segmentation?", open the
+        segmentation panel and return the segment labels it lists."""
+        self.double_click_thumbnail(description)
+        self.hydrate(timeout)
+        self.open_panel("segmentation")
+        labels = self.wait(self.segment_labels, timeout, "the segmentation panel to list segments")
+        self.screenshot("seg")
+        return labels
+
+    def segment_labels(self) -> list[str]:
+        return self.driver.execute_script(
+            "return [...document.querySelectorAll('[data-cy=\"data-row-title\"]')].map(e => e.innerText.trim());"
+        ) or []
+
+    def select_segment(self, label: str) -> None:
+        """Click a segment in the segmentation panel: OHIF jumps to the slice at its centre."""
+        found = self.driver.execute_script("""
+            const t = [...document.querySelectorAll('[data-cy="data-row-title"]')]
+                      .find(e => e.innerText.trim() === arguments[0]);
+            if (!t) return false;
+            t.closest('[data-cy="data-row"]').click();
+            return true;""", label)
+        if not found:
+            raise ViewerError(f"no segment {label!r}; segments: {self.segment_labels()}")
+        time.sleep(1.5)
+
+    def overlay_fraction(self) -> float:
+        """Share of viewport pixels that change when every segmentation is hidden: the overlay OHIF draws."""
+        import numpy as np
+
+        shown = self.viewport_pixels()
+        if not self._click("all-segments-visibility-toggle"):
+            raise ViewerError("no all-segments-visibility-toggle in the segmentation panel")
+        time.sleep(1.5)
+        hidden = self.viewport_pixels()
+        self._click("all-segments-visibility-toggle")
+        time.sleep(1)
+        if shown is None or hidden is None or shown.shape != hidden.shape:
+            return 0.0
+        return float((np.abs(shown.astype(np.int16) - hidden.astype(np.int16)).max(axis=2) > 30).mean())
 
     def viewport_pixels(self):
         """The active viewport canvas as an RGB numpy array (from the page, not a screenshot)."""
@@ -452,12 +607,6 @@ def coloured_fraction(rgb) -> float:
     a = rgb.astype(np.int16)
     spread = a.max(axis=2) - a.min(axis=2)
     return float((spread > 40).mean())
-
-
-def upload(orthanc, files: list[Path]) -> None:
-    """POST each file to Orthanc's REST API."""
-    for f in files:
-        orthanc.post("/instances", f.read_bytes())
 
 
 def artefact_dir(tmp_path: Path, name: str) -> Path:

@@ -133,17 +133,18 @@ def encode_sr(
             # the measurements with the SEG segment (TID 1411; also for 2-D: TID 1410's "Referenced Segmentation
             # Frame" as highdicom writes it carries both ReferencedFrameNumber and ReferencedSegmentNumber, which
             # dciodvfy rejects), and beside it, under the same tracking identifier and UID (the same finding),
-            # the segment's outline on its key slice: viewers merge the two into one annotation with the values
+            # the segment's outline on its key slice: viewers merge the two into one annotation with the values;
             ref = hd.sr.ReferencedSegment(
                 sop_class_uid=seg.SOPClassUID,
                 sop_instance_uid=seg.SOPInstanceUID,
                 segment_number=_segment_number(seg, label),
                 source_images=[_source_for_segmentation(s) for s in image.sources],
             )
-            groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=ident, referenced_segment=ref, measurements=measured or None, **finding))
+            # the outline first: OHIF 3.13 draws a merged finding only when its first group has the region
             groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=ident, referenced_region=region or whole_image, **finding))
+            groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=ident, referenced_segment=ref, measurements=measured or None, **finding))
         else:
             groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=ident, referenced_region=region or whole_image, measurements=measured or None,
