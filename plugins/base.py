@@ -283,6 +283,9 @@ class Findings:
         for h in self.heatmaps:
             if h.values.shape != spatial:
                 raise ValueError(f"heatmap {h.name!r} has shape {h.values.shape}, image has {spatial}")
+            if h.unit not in ("1", "%") or not h.quantity.strip():
+                raise ValueError(f"heatmap {h.name!r} needs a quantity and the unit \"1\" or \"%\", got "
+                                 f"{h.quantity!r} in {h.unit!r}")
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able summary (no arrays: masks and heatmaps are described by size)."""
@@ -308,7 +311,9 @@ class Findings:
                 {"segment": s.segment, "voxels": int(np.count_nonzero(s.mask))} for s in self.segmentations
             ],
             "heatmaps": [
-                {"name": h.name, "max": float(np.max(h.values)) if h.values.size else 0.0} for h in self.heatmaps
+                {"name": h.name, "max": float(np.max(h.values)) if h.values.size else 0.0, "quantity": h.quantity,
+                 "unit": h.unit}
+                for h in self.heatmaps
             ],
         }
 

@@ -47,7 +47,7 @@ FINDINGS = {
         {"concept": {"value": "373098007", "scheme": "SCT", "meaning": "Mean"}, "value": 512.25, "unit": "[hnsf'U]",
          "segment": "above-threshold", "frame": 3},
     ],
-    "segmentations": [], "heatmaps": [{"name": "above-threshold", "max": 1.0}],
+    "segmentations": [], "heatmaps": [{"name": "above-threshold", "max": 1.0, "quantity": "HU above threshold / 1000", "unit": "1"}],
 }
 
 

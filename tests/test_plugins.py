@@ -99,8 +99,12 @@ def test_findings_validation_catches_contract_breaks():
     with pytest.raises(ValueError, match="finite"):
         Findings(measurements=[Measurement(Code(value="1", scheme="SCT", meaning="v"), float("nan"), "mL")]).validate(
             REFERENCE, image)
-    from plugins.base import Classification
+    from plugins.base import Classification, Heatmap
 
+    with pytest.raises(ValueError, match="quantity and the unit"):
+        Findings(heatmaps=[Heatmap("h", np.zeros((3, 4, 4)), unit="mL")]).validate(REFERENCE, image)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="quantity and the unit"):
+        Findings(heatmaps=[Heatmap("h", np.zeros((3, 4, 4)), quantity=" ")]).validate(REFERENCE, image)
     with pytest.raises(ValueError, match="probability"):
         Classification(Code(value="1", scheme="SCT", meaning="v"), 1.5)
 
