@@ -6,6 +6,7 @@ import copy
 import hashlib
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import highdicom as hd
 from pydicom import config
@@ -14,7 +15,7 @@ from pydicom.sr.codedict import codes
 from pydicom.valuerep import validate_value
 
 from node import __version__
-from plugins.base import Code, Manifest
+from plugins.base import Code, Image, Manifest
 
 KINDS = ("SR", "SEG", "SC")
 _PIXEL_KEYWORDS = frozenset({"PixelData", "FloatPixelData", "DoubleFloatPixelData"})
@@ -119,10 +120,8 @@ def complete_lossy_compression(ds: Dataset, sources: list[Dataset]) -> None:
         from_syntax = _LOSSY_METHODS.get(syntax)
         if source.get("LossyImageCompression") == "01" or from_syntax:
             lossy = True
-            methods += [str(v) for v in _values(source.get("LossyImageCompressionMethod"))] or (
-                [from_syntax] if from_syntax else []
-            )
-            ratios += [str(v) for v in _values(source.get("LossyImageCompressionRatio"))]
+            methods += _values(source.get("LossyImageCompressionMethod")) or ([from_syntax] if from_syntax else [])
+            ratios += _values(source.get("LossyImageCompressionRatio"))
     if not lossy:
         return
     ds.LossyImageCompression = "01"
@@ -132,11 +131,16 @@ def complete_lossy_compression(ds: Dataset, sources: list[Dataset]) -> None:
             ds.LossyImageCompressionRatio = ratios
 
 
-def _values(value) -> list:
+def _values(value: Any) -> list[str]:
+    """The values of a possibly multi-valued element as strings; none for an absent or empty one."""
     if value is None or value == "":
         return []
-    return list(value) if isinstance(value, (list, tuple)) or hasattr(value, "__iter__") and not isinstance(
-        value, (str, bytes)) else [value]
+    if isinstance(value, str):
+        return [value]
+    try:
+        return [str(v) for v in value]
+    except TypeError:
+        return [str(value)]
 
 
 # Normalised body parts (node.rules.BODY_PARTS, also BodyPartExamined Defined Terms) of unpaired structures.
@@ -144,7 +148,7 @@ UNPAIRED_BODY_PARTS = frozenset({"CHEST", "HEAD", "NECK", "ABDOMEN", "PELVIS", "
                                  "SPINE"})
 
 
-def body_parts(image, prov: Provenance) -> frozenset[str]:
+def body_parts(image: Image, prov: Provenance) -> frozenset[str]:
     """What the output shows: the body parts radnode recognised for the source series, else the one body part
     the plugin's manifest is made for (a chest model's output is of the chest), else none."""
     if image.body_parts:
@@ -271,8 +275,9 @@ class Provenance:
 
     @property
     def device_uid(self) -> str:
-        """The algorithm as a device (this node's serial + plugin name and version): the same on every output."""
-        return derive_uid(self.device_serial_number, self.manifest.name, self.manifest.version, "device", 0)
+        """The algorithm as a device: derived from the plugin's name and version only, so it is the same on
+        every output of that model version, on every node."""
+        return derive_uid("algorithm", self.manifest.name, self.manifest.version, "device", 0)
 
     def contributing_equipment(self) -> Dataset:
         """A Contributing Equipment item for the algorithm, per the IHE AI Results profile: purpose of reference

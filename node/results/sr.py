@@ -17,6 +17,7 @@ from node.results.common import (
     Provenance,
     coded,
     declare_private_schemes,
+    derive_uid,
     drop_incomplete_references,
     series_number,
     source_header,
@@ -181,7 +182,7 @@ def encode_sr(
 
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         # identifies the device (this node's serial + the plugin version), not the job
-        uid=prov.device_uid,
+        uid=derive_uid(prov.device_serial_number, manifest.name, manifest.version, "device", 0),
         name=f"{prov.model_name}: {manifest.name} {manifest.version}",
         manufacturer_name=prov.manufacturer,
         model_name=prov.model_name,
