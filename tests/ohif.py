@@ -9,7 +9,10 @@ server that also proxies /dicom-web/ to a test Orthanc, driven by headless Chrom
                                           shapes drawn, hydrate prompt
         .open_seg(description) -> labels  double-click the SEG, answer Yes to "open this Segmentation?", list segments
         .select_segment(label); .overlay_fraction()   jump to a segment; share of pixels the overlay changes
-        .check_no_error(where); .foreign_requests(); .screenshot(name)
+        .step_measurement(+1/-1) -> SrStep   click the SR viewport's ">"/"<" arrow: the image it jumps to, what
+                                          is drawn there
+        .next_image(); .current_image()   step through a stack (the Down key); which image (frame) is shown
+        .check_no_error(where); .console_errors(); .foreign_requests(); .screenshot(name)
 
 Nothing is fetched from the internet: Chromium resolves every host other than 127.0.0.1 to nothing, and the
 requests that were made are listed by `Viewer.foreign_requests()`.
@@ -24,6 +27,7 @@ import json
 import mimetypes
 import os
 import shutil
+import signal
 import subprocess
 import tarfile
 import tempfile
@@ -291,22 +295,79 @@ class SrView:
     shapes: int  # SVG shapes (polylines, ellipses, points' lines) drawn in the viewport
     hydrate_prompt: bool  # OHIF offered to "track" (hydrate) the SR's measurements
     panel: list[str] = field(default_factory=list)  # rows of the measurements panel (after hydrate())
+    misplaced: int = 0  # shapes and text boxes whose coordinates are NaN (not where they belong; not counted above)
+    repainted: bool = False  # its annotations were not drawn until the harness asked for a render (OHIF race)
 
     @property
     def lines(self) -> list[str]:
         return [line for a in self.annotations for line in a]
 
 
-# The SVG layer the cornerstone tools draw into: the number of shapes, and each annotation's text box lines.
+@dataclass
+class SrStep:
+    """The SR viewport after a click on its "<" or ">" arrow: the image it shows and what is drawn on it."""
+
+    image: int  # index of the image (slice, frame) shown in the viewport's stack
+    image_id: str  # its cornerstone image id (".../instances/<SOP Instance UID>/frames/<n>")
+    annotations: list[list[str]]  # text lines of each annotation drawn on it
+    shapes: int  # SVG shapes drawn (outlines and the dashed lines linking them to their text)
+    outlines: int  # of those, the outlines (polylines, paths, circles, ellipses, rects; not the link lines)
+    misplaced: int  # shapes and text boxes with NaN coordinates (OHIF could not place them)
+
+
+# The SVG layer the cornerstone tools draw into: the number of shapes, and each annotation's text box lines. A shape
+# or text box whose coordinates are NaN (an image OHIF cannot place annotations on) is in the DOM but not where it
+# belongs (the browser drops such an outline and puts such a text box in the viewport's top-left corner): it is
+# counted as misplaced, not as drawn.
 _JS_SVG = """
 const layers = [...document.querySelectorAll('svg.svg-layer')];
-const shapes = layers.reduce((n, l) => n + l.querySelectorAll('polyline, path, circle, ellipse, rect, line').length, 0);
+const nan = e => [...e.attributes].some(a => a.value.includes('NaN'));
+let shapes = 0, outlines = 0, misplaced = 0;
 const notes = [];
-for (const l of layers) for (const g of l.querySelectorAll('g[data-annotation-uid]')) {
-  const lines = [...g.querySelectorAll('tspan')].map(t => t.textContent);
-  if (lines.length) notes.push(lines);
+for (const l of layers) {
+  for (const e of l.querySelectorAll('polyline, path, circle, ellipse, rect, line')) {
+    if (e.closest('defs')) continue;
+    if (nan(e)) { misplaced++; continue; }
+    shapes++;
+    if (e.tagName !== 'line') outlines++;
+  }
+  for (const g of l.querySelectorAll('g[data-annotation-uid]')) {
+    const lines = [...g.querySelectorAll('tspan')].map(t => t.textContent);
+    if (!lines.length) continue;
+    if (nan(g)) { misplaced++; continue; }
+    notes.push(lines);
+  }
 }
-return {shapes: shapes, notes: notes};
+return {shapes: shapes, outlines: outlines, notes: notes, misplaced: misplaced};
+"""
+
+# The image shown in the (first) viewport, from the cornerstone API OHIF exposes as window.cornerstone.
+_JS_CURRENT_IMAGE = """
+const cs = window.cornerstone;
+if (!cs || !cs.getEnabledElements) return null;
+for (const e of cs.getEnabledElements()) {
+  const vp = e.viewport;
+  if (vp && vp.getCurrentImageId && vp.getCurrentImageId()) return [vp.getCurrentImageIdIndex(), vp.getCurrentImageId()];
+}
+return null;
+"""
+
+# Render the viewport whose current image has SR display annotations when none is drawn (see Viewer.open_sr).
+_JS_REPAINT_STALE_SR = """
+const cs = window.cornerstone, ct = window.cornerstoneTools;
+if (!cs || !ct || !cs.getEnabledElements) return false;
+if (document.querySelector('svg.svg-layer g[data-annotation-uid]')) return false;
+const all = ct.annotation.state.getAllAnnotations();
+for (const e of cs.getEnabledElements()) {
+  const vp = e.viewport;
+  if (!vp || !vp.getCurrentImageId) continue;
+  const id = vp.getCurrentImageId();
+  if (all.some(a => a.metadata && a.metadata.toolName === 'DICOMSRDisplay' && a.metadata.referencedImageId === id)) {
+    vp.render();
+    return true;
+  }
+}
+return false;
 """
 
 # innerText of every element with a data-cy attribute, by attribute value (OHIF 3.13 marks its UI with data-cy).
@@ -338,6 +399,8 @@ class Viewer:
             raise
         self.driver.set_page_load_timeout(120)
         self.console: list[dict] = []
+        self.interventions: list[str] = []  # what the harness did for OHIF (a render a user's interaction
+        # would have caused): harness.log
         self._shots = 0
         self._log_start = len(server.log)
 
@@ -350,9 +413,28 @@ class Viewer:
             pass
         try:
             self.driver.quit()  # ends chromedriver and every Chromium process it started
+        except Exception:
+            self.driver.service.stop()
         finally:
+            self._kill_leftovers()
             if self._own_profile:
                 shutil.rmtree(self._profile, ignore_errors=True)
+
+    def _kill_leftovers(self, grace: float = 5) -> None:
+        """SIGKILL any process still running on this viewer's Chromium profile (its unique folder is on the
+        command line of the browser and of its zygotes, renderers, GPU and utility processes) that outlived quit():
+        by pid, only the ones started here."""
+        deadline = time.monotonic() + grace
+        while True:
+            pids = _processes_mentioning(str(self._profile))
+            if not pids or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def __enter__(self) -> Viewer:
         return self
@@ -371,6 +453,8 @@ class Viewer:
         lines = [f"{e.get('level')} {e.get('message')}" for e in self.console]
         (self.artefacts / "console.log").write_text("\n".join(lines) + "\n")
         (self.artefacts / "http.log").write_text("\n".join(self.server.log[self._log_start:]) + "\n")
+        if self.interventions:
+            (self.artefacts / "harness.log").write_text("\n".join(self.interventions) + "\n")
 
     def console_errors(self) -> list[str]:
         self.collect_console()
@@ -439,12 +523,17 @@ class Viewer:
     def open(self, path: str) -> None:
         self.driver.get(self.server.url + path)
 
-    def open_study(self, study_uid: str, mode: str = "viewer", timeout: float = 120, **params: str) -> None:
+    def open_study(self, study_uid: str, mode: str = "viewer", timeout: float = 120, rendered: bool = True,
+                   **params: str) -> None:
         """Open a study in an OHIF mode ('viewer' = the basic/longitudinal viewer, 'segmentation', ...) and wait
-        until a viewport has drawn pixels."""
+        until a viewport has drawn pixels (`rendered`), or, for an image OHIF draws black, until the viewport shows
+        an image and the study browser its series."""
         query = urllib.parse.urlencode({"StudyInstanceUIDs": study_uid, **params})
         self.open(f"/{mode}?{query}")
-        self.wait(self.viewport_rendered, timeout, "the first viewport to render")
+        if rendered:
+            self.wait(self.viewport_rendered, timeout, "the first viewport to render")
+        else:
+            self.wait(lambda: self.current_image() and self.thumbnails(), timeout, "the first viewport's image")
 
     def viewport_rendered(self) -> bool:
         """True when a viewport canvas exists and holds non-black pixels."""
@@ -512,7 +601,62 @@ class Viewer:
         return [" / ".join(x.strip() for x in r.splitlines() if x.strip()) for r in rows]
 
     def svg(self) -> dict:
-        return self.driver.execute_script(_JS_SVG) or {"shapes": 0, "notes": []}
+        return self.driver.execute_script(_JS_SVG) or {"shapes": 0, "outlines": 0, "notes": [], "misplaced": 0}
+
+    def current_image(self) -> tuple[int, str] | None:
+        """(index in the stack, cornerstone image id) of the image the viewport shows."""
+        found = self.driver.execute_script(_JS_CURRENT_IMAGE)
+        return (int(found[0]), str(found[1])) if found else None
+
+    def next_image(self, settle: float = 1.5) -> None:
+        """The next image of the viewport's stack: OHIF's Down-arrow hotkey, with the viewport focused."""
+        from selenium.webdriver.common.action_chains import ActionChains
+        from selenium.webdriver.common.keys import Keys
+
+        before = self.current_image()
+        ActionChains(self.driver).send_keys(Keys.DOWN).perform()
+        deadline = time.monotonic() + settle * 4
+        while self.current_image() == before and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(settle)
+
+    def step_measurement(self, direction: int = 1, timeout: float = 30) -> SrStep:
+        """Click the SR viewport's ">" (direction 1) or "<" (-1) arrow: OHIF jumps to the next (previous)
+        measurement's image. Returns that image and what is drawn on it once the drawing has stopped changing."""
+        from selenium.webdriver.common.action_chains import ActionChains
+
+        side = "right" if direction > 0 else "left"
+        arrows = self.driver.find_elements("css selector", f'[data-cy="viewport-action-arrows-{side}"] svg')
+        if not arrows:
+            raise ViewerError(f"no viewport-action-arrows-{side} in the viewport header (not an SR viewport?)")
+        ActionChains(self.driver).move_to_element(arrows[0]).click().perform()
+        return self.measurement_shown(timeout, f"the SR viewport to settle after its {side} arrow")
+
+    def measurement_shown(self, timeout: float = 30, what: str = "the SR viewport to settle",
+                          stable: float = 1.0, stale_after: float = 5) -> SrStep:
+        """The image the SR viewport shows and what is drawn on it, once that has not changed for `stable` s
+        (asking for a render after `stale_after` s without a drawing, as open_sr does)."""
+        start = time.monotonic()
+
+        def settled():
+            if time.monotonic() > start + stale_after and not self.svg()["shapes"]:
+                self.repaint_stale_sr()
+            first = (self.current_image(), self.svg())
+            time.sleep(stable)
+            second = (self.current_image(), self.svg())
+            return second if first == second and second[0] is not None and second[1]["shapes"] else None
+
+        image, drawn = self.wait(settled, timeout, what)
+        return SrStep(image=image[0], image_id=image[1], annotations=drawn["notes"], shapes=drawn["shapes"],
+                      outlines=drawn["outlines"], misplaced=drawn["misplaced"])
+
+    def repaint_stale_sr(self) -> bool:
+        """When the SR viewport holds SR annotations (cornerstone tools' DICOMSRDisplay) for the image it shows but
+        has drawn none of them, render it once (as any interaction would) and say so; logged in harness.log."""
+        stale = bool(self.driver.execute_script(_JS_REPAINT_STALE_SR))
+        if stale:
+            self.interventions.append(f"{time.strftime('%H:%M:%S')} SR annotations not drawn: viewport rendered")
+        return stale
 
     def hydrate_prompt(self) -> bool:
         """OHIF asks "Do you want to open this Segmentation?" / "... continue tracking measurements ...?"."""
@@ -524,20 +668,28 @@ class Viewer:
         self._click("yes-hydrate-btn")
         self.wait(lambda: not self.hydrate_prompt(), timeout, "the hydrate prompt to close")
 
-    def open_sr(self, description: str, timeout: float = 60, settle: float = 3) -> SrView:
+    def open_sr(self, description: str, timeout: float = 60, settle: float = 3, stale_after: float = 5) -> SrView:
         """Double-click the SR series whose thumbnail shows `description` and report what OHIF made of it.
 
-        Does not raise when OHIF's error boundary catches an error: that is the `crashed` field."""
+        Does not raise when OHIF's error boundary catches an error: that is the `crashed` field. OHIF 3.13 sometimes
+        adds the SR's annotations after the viewport's last render and draws them only at the next one (any
+        interaction); after `stale_after` s without a drawing, that next render is asked for (`repainted`)."""
         self.double_click_thumbnail(description)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        start = time.monotonic()
+        repainted = False
+        while time.monotonic() < start + timeout:
             if self.boundary_errors() or self.svg()["shapes"] or self.hydrate_prompt():
                 break
+            if time.monotonic() > start + stale_after:
+                repainted = self.repaint_stale_sr() or repainted
             time.sleep(0.5)
         time.sleep(settle)  # the remaining annotations and the prompt come a moment later
+        if not self.svg()["notes"] and self.repaint_stale_sr():
+            repainted = True
+            time.sleep(1.5)
         drawn = self.svg()
         view = SrView(crashed=self.boundary_errors(), annotations=drawn["notes"], shapes=drawn["shapes"],
-                      hydrate_prompt=self.hydrate_prompt())
+                      hydrate_prompt=self.hydrate_prompt(), misplaced=drawn["misplaced"], repainted=repainted)
         self.screenshot("sr")
         return view
 
@@ -598,6 +750,28 @@ class Viewer:
         if not url:
             return None
         return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"))
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """Pids of the processes with `text` in their command line (Linux /proc), this one aside."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if text.encode() in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def colour_fraction(rgb, colour: tuple[int, int, int], tolerance: int = 40) -> float:
+    """Share of pixels within `tolerance` (per channel) of `colour`."""
+    import numpy as np
+
+    return float((np.abs(rgb.astype(np.int16) - np.asarray(colour, dtype=np.int16)).max(axis=2) <= tolerance).mean())
 
 
 def coloured_fraction(rgb) -> float:
