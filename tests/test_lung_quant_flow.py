@@ -66,7 +66,8 @@ def test_chest_ct_to_lung_quant_to_orthanc_and_the_demo(setup, ct_dir: Path, tmp
         if p.endswith(".dcm"):
             assert_valid(Path(p))
     seg = pydicom.dcmread(next(p for p in job["outputs"] if p.endswith("SEG.dcm")), stop_before_pixels=True)
-    assert sorted(s.SegmentLabel for s in seg.SegmentSequence) == ["left lung", "low-attenuation areas", "right lung"]
+    assert sorted(s.SegmentLabel for s in seg.SegmentSequence) == ["both lungs", "left lung", "low-attenuation areas",
+                                                                   "right lung"]
     head_series = [se for st in node.studies() for se in st["series"] if se["instances"] == 20]
     assert "lung" in head_series[0]["route_note"] and head_series[0]["state"] == "routed"
 

@@ -184,14 +184,22 @@ def source_grid(files: list[Path]) -> dict:
     }
 
 
-def test_dcmqi_converts_the_seg_onto_the_source_grid(case: Case, tmp_path: Path):
-    if case.seg is None:
-        pytest.skip(f"{case.name} writes no SEG")
+def test_a_seg_without_patient_geometry_comes_with_outline_captures(cxr_case: Case, us_case: Case):
+    """dcmqi (and any viewer) needs patient geometry to place a SEG: the CR job writes none, the US SEG has no
+    frame of reference (the source has none), and its masks go out as outline SCs as well."""
+    assert cxr_case.seg is None
+    seg = pydicom.dcmread(us_case.seg, stop_before_pixels=True)
+    assert "FrameOfReferenceUID" not in pydicom.dcmread(us_case.sources[0], stop_before_pixels=True)
+    assert not seg.get("FrameOfReferenceUID")
+    outlines = [p for p in us_case.scs
+                if str(pydicom.dcmread(p, stop_before_pixels=True).DerivationDescription).startswith("Outline")]
+    assert outlines
+
+
+def test_dcmqi_converts_the_seg_onto_the_source_grid(ct_case: Case, tmp_path: Path):
+    case = ct_case  # the case whose SEG has patient geometry
     seg = pydicom.dcmread(case.seg, stop_before_pixels=True)
     source = pydicom.dcmread(case.sources[0], stop_before_pixels=True)
-    if "FrameOfReferenceUID" not in source:
-        assert "FrameOfReferenceUID" not in seg or not seg.FrameOfReferenceUID
-        pytest.skip(f"{case.name}: the source has no frame of reference (dcmqi needs patient geometry)")
     assert seg.get("FrameOfReferenceUID") == source.FrameOfReferenceUID
     t = time.perf_counter()
     outputs, warnings = dcmqi_seg(case.seg, tmp_path / "dcmqi")
