@@ -86,7 +86,8 @@ def encode_sc(
 
 def _has_patient_geometry(image: Image, sources: Mapping[str, Dataset]) -> bool:
     """Whether the source images have a frame of reference, so that viewers can overlay a SEG on them."""
-    return all("FrameOfReferenceUID" in sources.get(s.sop_instance_uid, ()) for s in image.sources[:1])
+    first = sources.get(image.sources[0].sop_instance_uid) if image.sources else None
+    return first is not None and "FrameOfReferenceUID" in first
 
 
 def _outlines(findings: Findings, image: Image, sources: Mapping[str, Dataset], prov: Provenance,

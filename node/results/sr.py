@@ -333,19 +333,16 @@ def _border_region(image: Image, index: int | None = None) -> hd.sr.ImageRegion:
     k = 0 if image.kind == "image2d" else (len(image.sources) // 2 if index is None else index)
     rows, columns = image.pixels.shape[:2] if image.kind == "image2d" else image.pixels.shape[1:3]
     corners = np.array([(0, 0), (columns, 0), (columns, rows), (0, rows), (0, 0)], dtype=np.float32)
-    ref = image.sources[k]
-    return hd.sr.ImageRegion(
-        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-        graphic_data=corners,
-        source_image=hd.sr.SourceImageForRegion(ref.sop_class_uid, ref.sop_instance_uid, _frames(ref)),
-    )
+    return _polyline(corners, image.sources[k])
 
 
 def _region(mask2d: np.ndarray, ref: SourceRef) -> hd.sr.ImageRegion | None:
-    """A closed POLYLINE around the largest connected part of a 2-D mask, on the source image (frame)."""
+    """The outline of a 2-D mask (see outline_polyline) on the source image (frame); None for an empty mask."""
     points = outline_polyline(mask2d)
-    if points is None:
-        return None
+    return None if points is None else _polyline(points, ref)
+
+
+def _polyline(points: np.ndarray, ref: SourceRef) -> hd.sr.ImageRegion:
     return hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
         graphic_data=points,
