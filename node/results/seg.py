@@ -165,7 +165,7 @@ def encode_seg(
     seg.SeriesDescription = prov.series_description("SEG", source_images[0])
     seg.ContentCreatorName = None  # Type 2: created by an algorithm (Contributing Equipment), not by a person
     prov.add_contributing_equipment(seg)
-    complete_lossy_compression(seg, [sources[s.sop_instance_uid] for s in image.sources[:1]])
+    complete_lossy_compression(seg, [sources[uid] for uid in dict.fromkeys(s.sop_instance_uid for s in image.sources)])
     drop_incomplete_references(seg)
     declare_private_schemes(seg)
     set_laterality(seg, sources[image.sources[0].sop_instance_uid], body_parts(image, prov), unknown="absent")
