@@ -37,7 +37,7 @@ def check_http(url: str | None, timeout: float = 4.0) -> str | None:
 
 def check_worker(name: str, timeout: float = 10.0) -> str | None:
     """None when the worker `name@<hostname>` answers a ping on the configured broker, else why not."""
-    from node.queueing import make_celery
+    from node.queueing.broker import make_celery
     from node.settings import load_settings
 
     node_name = f"{name}@{socket.gethostname()}"

@@ -21,15 +21,17 @@ from db.migrate import current_revision, upgrade
 from db.models import utcnow
 from db.records import known_paths, record_instance
 from db.session import make_engine, make_sessionmaker
+from node.dicom.header import HeaderError, read_header
+from node.ingest.ingest import to_record
+from node.ingest.scp import listen_addresses, spawn_receiver
+from node.ingest.storage import InstanceStore
+from node.ingest.tracker import Tracker
 from node.metrics import enable_multiprocess
-from node.queueing import BASE_QUEUES, Enqueuer, is_embedded
-from node.router import Router
-from node.rules import RulesError, RuleSet, load_rules
-from node.scp import listen_addresses, spawn_receiver, to_record
+from node.queueing.broker import BASE_QUEUES, Enqueuer, is_embedded
+from node.queueing.sweeper import Sweeper
+from node.route.router import Router
+from node.route.rules import RulesError, RuleSet, load_rules
 from node.settings import Settings
-from node.storage import InstanceStore, StorageError, read_header
-from node.sweeper import Sweeper
-from node.tracker import Tracker
 from plugins.registry import Discovery, discover, unavailable_reason
 
 log = logging.getLogger("radnode.node")
@@ -68,7 +70,7 @@ def reconcile(store: InstanceStore, sessionmaker: Any) -> int:
         path = store.path(relative)
         try:
             header = read_header(path)
-        except StorageError as exc:
+        except HeaderError as exc:
             log.warning("reconcile: unreadable stored file skipped (%s)", exc)
             continue
         rec = to_record(header, relative, path.stat().st_size, None)
@@ -151,7 +153,8 @@ class Node:
 
     def _start_watcher(self) -> None:
         """Pull side: follow the configured Orthanc's /changes in a thread of this process."""
-        from node.pull import Ingest, OrthancWatcher, orthanc_client
+        from node.ingest.ingest import Ingest
+        from node.ingest.pull import OrthancWatcher, orthanc_client
 
         w = self.settings.watch_orthanc
         password = w.password.get_secret_value() if w.password is not None else None

@@ -1,5 +1,5 @@
 """Representative radnode outputs for the external-validator tests: three cases run through the project's own
-offline path (`node.offline.infer_series`, what `radnode infer` runs), each writing SEG/SR/SC, arrays.npz and
+offline path (`node.pipeline.offline.infer_series`, what `radnode infer` runs), each writing SEG/SR/SC, arrays.npz and
 findings.json into a folder.
 
 - `ct_case`: lung-quant (classical, no weights) on the shared 64-slice chest CT -> SEG, SR, SC;
@@ -22,7 +22,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from node.offline import SeriesRun, group_series, infer_series
+from node.dicom.files import group_series
+from node.pipeline.offline import SeriesRun, infer_series
 from node.settings import Settings
 from plugins.base import Image, Manifest
 
@@ -71,10 +72,10 @@ class Case:
 
 def run_case(name: str, manifest: Manifest, sources: list[Path], out: Path, models: Path,
              adapt: Callable[[object], None] = lambda plugin: None) -> Case:
-    """Load the plugin as the CLI does (`node.inference.load_plugin` with `models` as the models dir), let
+    """Load the plugin as the CLI does (`node.pipeline.inference.load_plugin` with `models` as the models dir), let
     `adapt` change the loaded plugin (a stand-in network), and run `infer_series` on the one series in
     `sources`, writing into `out`. Fails the calling test when the run does not end `encoded`."""
-    from node.inference import load_plugin
+    from node.pipeline.inference import load_plugin
 
     settings = Settings(data_dir=out.parent / f"{name}-data", models_dir=models)
     plugin, sha = load_plugin(manifest, settings)

@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 from pydicom.uid import generate_uid
 
-from node.phantom import INTERCEPT, SliceHeader, write_ct_slice
+from node.demo.phantom import INTERCEPT, SliceHeader, write_ct_slice
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 SAGITTAL = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)

@@ -16,7 +16,7 @@ import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
 
-from node.scu import send
+from node.dispatch.scu import send
 from plugins.reference_threshold import MANIFEST as REFERENCE
 from plugins.reference_threshold.model import write_weights
 from plugins.registry import weights_path

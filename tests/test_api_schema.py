@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from node.scu import send
+from node.dispatch.scu import send
 from tests.synthetic import write_ct_series
 from tests.test_api import _start
 from tests.test_pipeline import embedded_stack

@@ -451,7 +451,7 @@ def test_browser_login_job_previews_and_retry(tmp_path: Path, monkeypatch):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from node.scu import send
+    from node.dispatch.scu import send
     from plugins.reference_threshold import MANIFEST as REFERENCE
     from plugins.reference_threshold.model import write_weights
     from plugins.registry import weights_path

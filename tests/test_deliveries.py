@@ -201,8 +201,8 @@ def test_expired_outputs(sessionmaker):
 
 
 def test_sweeper_removes_outputs_after_the_retention(sessionmaker, tmp_path):
+    from node.queueing.sweeper import Sweeper
     from node.settings import Settings
-    from node.sweeper import Sweeper
 
     settings = Settings(data_dir=tmp_path, output_retention_days=2)
     job_id, (d,) = _encoded(sessionmaker, ["pacs"])

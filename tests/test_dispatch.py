@@ -14,7 +14,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from node.scu import send
+from node.dispatch.scu import send
 from plugins.reference_threshold import MANIFEST as REFERENCE
 from plugins.reference_threshold.model import write_weights
 from plugins.registry import weights_path

@@ -15,7 +15,7 @@ import pydicom
 import pytest
 from scipy import ndimage
 
-from node import phantom
+from node.demo import phantom
 from node.imaging import load_image
 from node.results.common import Provenance
 from node.results.outputs import read_sources, write_outputs

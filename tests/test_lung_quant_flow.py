@@ -12,7 +12,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from node.scu import send
+from node.dispatch.scu import send
 from tests.conftest import free_port
 from tests.dicom_checks import assert_valid
 from tests.orthanc import AE as ORTHANC_AE

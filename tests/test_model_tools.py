@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from node.evaluate import EvaluateError, auroc, read_labels
 from node.imaging import load_image
+from node.pipeline.evaluate import EvaluateError, auroc, read_labels
 from tests.test_pipeline import FIXTURE_SITE
 
 

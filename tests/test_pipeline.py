@@ -22,7 +22,7 @@ import pytest
 
 from db.jobs import list_jobs
 from db.session import make_engine, make_sessionmaker
-from node.scu import send
+from node.dispatch.scu import send
 from plugins.reference_threshold import MANIFEST as REFERENCE
 from plugins.reference_threshold.model import write_weights
 from plugins.registry import sha256_file, weights_path

@@ -75,8 +75,9 @@ def test_late_instance_and_new_series_reopen(sessionmaker):
 
 
 def test_reconcile_records_orphan_files(sessionmaker, ct_dir, tmp_path):
+    from node.dicom.header import read_header
+    from node.ingest.storage import InstanceStore
     from node.service import reconcile
-    from node.storage import InstanceStore, read_header
 
     store = InstanceStore(tmp_path / "inst", tmp_path / "tmp")
     files = sorted(ct_dir.glob("*.dcm"))[:3]

@@ -8,9 +8,11 @@ from typing import Any
 import pytest
 import yaml
 
-from node import router
-from node.router import Decision, Match, SeriesAttrs, match, normalise_body_part
-from node.rules import BODY_PARTS, WHEN_KEYS, RuleSet, parse_rules
+from node.dicom import bodypart
+from node.dicom.bodypart import BODY_PARTS, normalise_body_part
+from node.route import router
+from node.route.router import Decision, Match, SeriesAttrs, match
+from node.route.rules import WHEN_KEYS, RuleSet, parse_rules
 from plugins.base import Manifest
 
 
@@ -416,5 +418,5 @@ def test_normalise_body_part(examined: str | None, descriptions: tuple[str | Non
 
 
 def test_body_parts_are_the_rules_vocabulary():
-    assert all(parts <= BODY_PARTS for parts in router._EXAMINED.values())
-    assert all(kw.parts | kw.unless <= BODY_PARTS for kw in router._KEYWORDS)
+    assert all(parts <= BODY_PARTS for parts in bodypart._EXAMINED.values())
+    assert all(kw.parts | kw.unless <= BODY_PARTS for kw in bodypart._KEYWORDS)

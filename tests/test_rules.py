@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from node import rules as rules_module
-from node.rules import (
+from node.route import rules as rules_module
+from node.route.rules import (
     BODY_PARTS,
     WHEN_KEYS,
     ContainsCondition,

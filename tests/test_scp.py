@@ -17,7 +17,8 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from node.scu import AssociationFailed, echo, iter_dicom_files, send
+from node.dicom.files import iter_dicom_files
+from node.dispatch.scu import AssociationFailed, echo, send
 from tests.conftest import have, need
 
 IMAGE_FOLDERS = [
@@ -316,7 +317,7 @@ def test_dicom_tls(start_node, ct_dir, tmp_path):
 
 def test_tls_destination_delivers_to_a_tls_node(start_node, ct_dir, tmp_path):
     """dispatch's DICOM destination with TLS: a client certificate the node's CA signed, the peer verified."""
-    from node.dispatch import DeliveryError, send_to
+    from node.dispatch.dispatcher import DeliveryError, send_to
     from node.settings import DicomDestination, Settings
     from tests.conftest import free_port
 

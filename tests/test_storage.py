@@ -9,14 +9,8 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from node.storage import (
-    InstanceStore,
-    InvalidUID,
-    StorageFull,
-    UndecodableDataset,
-    is_valid_uid,
-    read_header,
-)
+from node.dicom.header import InvalidUID, UndecodableDataset, is_valid_uid, read_header
+from node.ingest.storage import InstanceStore, StorageFull
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import os
 import socket
 import sys
 
-from node.queueing import BASE_QUEUES, QUEUE_RE, is_embedded
+from node.queueing.broker import BASE_QUEUES, QUEUE_RE, is_embedded
 
 
 def main(argv: list[str] | None = None) -> int:

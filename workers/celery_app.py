@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from node.queueing import make_celery
+from node.queueing.broker import make_celery
 from node.settings import load_settings
 
 settings = load_settings()

@@ -14,15 +14,15 @@ from typing import Any
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
 from db import deliveries, jobs, workers
+from db.heartbeat import Heartbeat
 from db.models import FailStage, Job, JobState, Series, Study, utcnow
 from db.session import make_engine, make_sessionmaker
 from node import metrics
-from node.dispatch import Dispatcher
-from node.heartbeat import Heartbeat
+from node.dispatch.dispatcher import Dispatcher
 from node.imaging import ImageLoadError
-from node.inference import encode_outputs, load_plugin, load_series_image, merged_warnings, run_plugin
 from node.logs import job_context, uid_hash
-from node.queueing import TASK_DISPATCH, TASK_INFER, Enqueuer
+from node.pipeline.inference import encode_outputs, load_plugin, load_series_image, merged_warnings, run_plugin
+from node.queueing.broker import TASK_DISPATCH, TASK_INFER, Enqueuer
 from node.results.common import warm_up
 from node.settings import Settings, load_settings
 from plugins.base import Manifest, Plugin, WeightsUnavailable

@@ -128,8 +128,8 @@ def create_app(settings: Settings) -> FastAPI:
     from db.migrate import alembic_config
     from db.session import make_engine, make_sessionmaker
     from node.api import dashboard, infer, stow, v1
-    from node.pull import Ingest
-    from node.queueing import Enqueuer
+    from node.ingest.ingest import Ingest
+    from node.queueing.broker import Enqueuer
     from plugins.registry import discover
 
     app = FastAPI(

@@ -6,7 +6,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 
+from node.files import atomic_write
 from node.settings import ApiToken, Settings
 
 log = logging.getLogger("radnode.api")
@@ -53,11 +53,8 @@ def new_token(settings: Settings, name: str, read_only: bool = False, save: bool
             raise ValueError(f"a token named {name!r} exists already")
         path = tokens_path(settings)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump([t.model_dump() for t in [*current, entry]], f, indent=2)
-        os.replace(tmp, path)
+        document = json.dumps([t.model_dump() for t in [*current, entry]], indent=2).encode()
+        atomic_write(path, document, mode=0o600)
     return token, entry
 
 

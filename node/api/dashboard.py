@@ -21,7 +21,7 @@ from db.models import DeliveryState, JobState
 from node import __version__
 from node.api.auth import COOKIE, Authenticator, Principal
 from node.api.v1 import FINISHED, alive_workers, job_or_404, plugin_rows, redeliver_job, retry_job
-from node.storage import is_valid_uid
+from node.dicom.header import is_valid_uid
 
 log = logging.getLogger("radnode.api")
 

@@ -23,8 +23,7 @@ from db.models import Job, JobState, Series, utcnow
 from node.api.auth import Writer
 from node.api.models import InferAccepted
 from node.api.v1 import FINISHED, add_job_to_zip, job_or_404
-from node.offline import MAX_ZIP_BYTES
-from node.scp import Status
+from node.dicom.files import ZipTooLarge, zip_members
 
 log = logging.getLogger("radnode.api")
 router = APIRouter(prefix="/v1", tags=["infer"])
@@ -39,20 +38,21 @@ def _ingest_zip(request: Request, path: Path) -> tuple[dict[str, str | None], in
     skipped = 0
     try:
         with zipfile.ZipFile(path) as archive:
-            members = [m for m in archive.infolist() if not m.is_dir()]
-            if sum(m.file_size for m in members) > MAX_ZIP_BYTES:
-                raise HTTPException(400, f"the zip expands beyond {MAX_ZIP_BYTES // 1024**3} GiB")
+            try:
+                members = zip_members(archive)
+            except ZipTooLarge as exc:
+                raise HTTPException(400, f"the zip {exc}") from None
             for m in members:
                 if m.file_size > ingest.max_bytes:
                     skipped += 1
                     continue
-                status, reason, header = ingest.store(archive.read(m), None)
-                if status == Status.SUCCESS:
-                    series[header.series_uid] = header.modality
-                elif header is None:
+                stored = ingest.store(archive.read(m), None, source="upload")
+                if stored.ok:
+                    series[stored.header.series_uid] = stored.header.modality
+                elif stored.header is None:
                     skipped += 1  # not DICOM (a README, a DICOMDIR without an image...)
                 else:
-                    raise HTTPException(507, f"could not store the upload: {reason}")
+                    raise HTTPException(507, f"could not store the upload: {stored.reason}")
     except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError) as exc:
         raise HTTPException(400, f"the body is not a readable zip: {exc}") from None
     return series, skipped

@@ -12,10 +12,9 @@ from fastapi.responses import JSONResponse
 from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 
-from node import metrics
 from node.api.auth import Writer
-from node.scp import Status
-from node.storage import is_valid_uid
+from node.dicom.header import is_valid_uid
+from node.dicom.status import Status
 
 log = logging.getLogger("radnode.stow")
 router = APIRouter(tags=["DICOMweb"])
@@ -103,21 +102,21 @@ def _store_part(request: Request, part: _Part, study_uid: str | None, index: int
     content_type, _ = parse_options_header(part.headers.get("content-type", "application/dicom"))
     name = f"part {index}"
     data = b"".join(part.chunks)
-    sop_class = sop_uid = None
     if content_type != b"application/dicom":
-        status, reason = Status.CANNOT_UNDERSTAND, f"content type {content_type.decode()!r} is not application/dicom"
+        stored = ingest.refused("stow", None, Status.CANNOT_UNDERSTAND,
+                                f"content type {content_type.decode()!r} is not application/dicom", part.size)
     elif part.too_large:
-        status, reason = Status.TOO_LARGE, "instance larger than the configured maximum"
+        stored = ingest.refused("stow", None, Status.TOO_LARGE, "instance larger than the configured maximum",
+                                part.size)
     else:
-        status, reason, header = ingest.store(data, None, study_uid)
-        if header is not None:
-            sop_class, sop_uid = header.sop_class_uid, header.sop_instance_uid
-    metrics.instance_received("stow", None, status, part.size)
-    if status == Status.SUCCESS:
+        stored = ingest.store(data, None, source="stow", study_uid=study_uid)
+    header = stored.header
+    sop_class, sop_uid = (header.sop_class_uid, header.sop_instance_uid) if header is not None else (None, None)
+    if stored.ok:
         result.stored.append(_sop_item(sop_class, sop_uid))
     else:
-        result.failed.append(_sop_item(sop_class, sop_uid, status))
-        result.messages.append(f"{name}: {reason}")
+        result.failed.append(_sop_item(sop_class, sop_uid, stored.status))
+        result.messages.append(f"{name}: {stored.reason}")
 
 
 async def _stow(request: Request, study_uid: str | None) -> JSONResponse:

@@ -16,8 +16,8 @@ from fastapi.responses import Response
 from db.models import JobState, utcnow
 from node.api.auth import Reader, Writer
 from node.api.models import Accepted, JobOut, PluginOut, Redelivered, RedeliverIn, StudyOut, WorkerOut
+from node.dicom.header import is_valid_uid
 from node.metrics import WORKER_ALIVE_PERIODS
-from node.storage import is_valid_uid
 
 router = APIRouter(prefix="/v1")
 Limit = Annotated[int, Query(ge=1, le=1000, description="at most this many, newest first")]

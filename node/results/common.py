@@ -143,7 +143,7 @@ def _values(value: Any) -> list[str]:
         return [str(value)]
 
 
-# Normalised body parts (node.rules.BODY_PARTS, also BodyPartExamined Defined Terms) of unpaired structures.
+# Normalised body parts (node.route.rules.BODY_PARTS, also BodyPartExamined Defined Terms) of unpaired structures.
 UNPAIRED_BODY_PARTS = frozenset({"CHEST", "HEAD", "NECK", "ABDOMEN", "PELVIS", "PROSTATE", "HEART", "WHOLEBODY",
                                  "SPINE"})
 

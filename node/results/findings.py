@@ -3,24 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from node.files import atomic_write
 from plugins.base import Findings
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write `path` through a temporary file, fsync, then rename (a reader never sees half a file)."""
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def heatmap_uint8(values: np.ndarray) -> np.ndarray:
@@ -51,6 +41,6 @@ def write_findings(findings: Findings, out_dir: Path, meta: dict[str, Any]) -> l
         written.append(path)
     path = out_dir / "findings.json"
     document = {**meta, **findings.to_json()}
-    atomic_write(path, lambda f: f.write(json.dumps(document, indent=2).encode()))
+    atomic_write(path, json.dumps(document, indent=2).encode())
     written.append(path)
     return written

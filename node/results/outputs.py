@@ -13,9 +13,10 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from node.files import atomic_write
 from node.results import object_file
 from node.results.common import Provenance
-from node.results.findings import atomic_write, write_findings
+from node.results.findings import write_findings
 from node.results.sc import encode_sc
 from node.results.seg import encode_seg
 from node.results.sr import encode_sr
@@ -33,7 +34,7 @@ def read_sources(image: Image, paths_by_uid: Mapping[str, Path]) -> dict[str, Da
 def _save(ds: Dataset, path: Path) -> Path:
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
-    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+    atomic_write(path, buffer.getvalue())
     return path
 
 

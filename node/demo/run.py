@@ -12,8 +12,8 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.jobs import list_jobs
-from node.phantom import LungTruth, Phantom, write_chest_phantom
-from node.scu import send
+from node.demo.phantom import LungTruth, Phantom, write_chest_phantom
+from node.dispatch.scu import send
 
 DEMO_AE = "RADNODE-DEMO"
 SETTLED = {"delivered", "failed", "skipped"}
@@ -50,7 +50,7 @@ def settled(job: dict[str, Any]) -> bool:
 def run_demo(folder: Path, host: str, port: int, called_ae: str, maker: sessionmaker[Session],
              timeout: float = 300.0, progress: Callable[[str], None] = lambda _: None) -> DemoResult:
     """Write the phantom, C-STORE it, wait until its jobs settle. Raises DemoError."""
-    from node.scu import AssociationFailed
+    from node.dispatch.scu import AssociationFailed
 
     progress("writing a synthetic chest CT phantom")
     phantom = make_phantom(folder)

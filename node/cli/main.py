@@ -289,7 +289,8 @@ def pull(
 
     The running node completes and routes it after the stability window.
     """
-    from node.pull import Ingest, PullError, dicomweb_client, orthanc_ae, orthanc_client, pull_dicomweb, pull_orthanc
+    from node.ingest.ingest import Ingest
+    from node.ingest.pull import PullError, dicomweb_client, orthanc_ae, orthanc_client, pull_dicomweb, pull_orthanc
 
     if (orthanc is None) == (dicomweb is None):
         console.print("[red]give exactly one of --orthanc URL or --dicomweb URL[/red]")
@@ -326,7 +327,8 @@ def watch(
     import signal
     import threading
 
-    from node.pull import Ingest, OrthancWatcher, orthanc_client
+    from node.ingest.ingest import Ingest
+    from node.ingest.pull import OrthancWatcher, orthanc_client
 
     s = settings()
     _setup_logging(s)
@@ -352,7 +354,8 @@ def infer(
     No node, job table or broker is needed. Exit 0 when every series ran (or the plugin does not apply
     to it), 1 when a series failed or the input holds no DICOM, 2 for an unknown or unavailable plugin.
     """
-    from node.offline import InferError, group_series, infer_series, input_files
+    from node.dicom.files import group_series
+    from node.pipeline.offline import InferError, infer_series, input_files
 
     s, manifest, loaded, sha = _loaded_plugin(plugin)
     _setup_logging(s)
@@ -428,7 +431,7 @@ def demo(
     SR/SEG/SC went and the measured lung values next to the phantom's true values."""
     import tempfile
 
-    from node.demo import DemoError, comparison, run_demo
+    from node.demo.run import DemoError, comparison, run_demo
 
     s = settings()
     maker = open_db()
@@ -566,7 +569,7 @@ def models_check(as_json: Annotated[bool, typer.Option("--json", help="print JSO
 def _loaded_plugin(name: str):
     """(settings, manifest, loaded plugin, weights SHA-256) for the CLI tools; exits 2 with the reason
     when it cannot be loaded."""
-    from node.inference import load_plugin
+    from node.pipeline.inference import load_plugin
     from plugins.base import WeightsUnavailable
     from plugins.registry import unavailable_reason
 
@@ -636,8 +639,8 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON (metrics and every case)")] = False,
 ) -> None:
     """Accuracy, precision, recall, F1 and AUROC of a plugin's classification against labels."""
-    from node.evaluate import EvaluateError, read_labels
-    from node.evaluate import evaluate as run_evaluation
+    from node.pipeline.evaluate import EvaluateError, read_labels
+    from node.pipeline.evaluate import evaluate as run_evaluation
 
     _, manifest, loaded, _ = _loaded_plugin(plugin)
     classes = list(manifest.config.get("classes") or [])
@@ -680,11 +683,10 @@ def embed(
     for `radnode train-head`. Studies that cannot be read are listed and left out."""
     import numpy as np
 
-    from node.evaluate import EvaluateError, cases_in
+    from node.dicom.files import group_series, iter_dicom_files
     from node.imaging import load_image
-    from node.inference import resolve_device
-    from node.offline import group_series
-    from node.scu import iter_dicom_files
+    from node.pipeline.evaluate import EvaluateError, cases_in
+    from node.pipeline.inference import resolve_device
     from plugins.base import WeightsUnavailable
     from plugins.cxr_foundation.embed import embed_paths, save_embeddings
     from plugins.registry import build, weights_path
@@ -771,8 +773,8 @@ def echo(
     aet: Annotated[str | None, typer.Option("--aet", help="calling AE title (default: ours)")] = None,
 ) -> None:
     """C-ECHO a DICOM peer."""
-    from node.scu import AssociationFailed
-    from node.scu import echo as do_echo
+    from node.dispatch.scu import AssociationFailed
+    from node.dispatch.scu import echo as do_echo
 
     s = settings()
     try:
@@ -793,8 +795,9 @@ def send(
     aet: Annotated[str | None, typer.Option("--aet", help="calling AE title (default: ours)")] = None,
 ) -> None:
     """C-STORE files (or folders, recursively) to a DICOM peer over one association."""
-    from node.scu import AssociationFailed, iter_dicom_files
-    from node.scu import send as do_send
+    from node.dicom.files import iter_dicom_files
+    from node.dispatch.scu import AssociationFailed
+    from node.dispatch.scu import send as do_send
 
     host, port = _host_port(to)
     s = settings()

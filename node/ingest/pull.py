@@ -13,11 +13,8 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from node import metrics
+from node.ingest.ingest import Ingest
 from node.logs import uid_hash
-from node.scp import Receiver, Status
-from node.settings import Settings
-from node.storage import InstanceHeader, InstanceStore, InvalidUID, StorageError, read_header
 
 log = logging.getLogger("radnode.pull")
 
@@ -34,43 +31,13 @@ class PullReport:
     stored: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (instance, reason)
 
-
-class Ingest:
-    """Stores fetched instances exactly like a C-STORE: validated header, durable file, then the row."""
-
-    def __init__(self, settings: Settings, sessionmaker: Any) -> None:
-        store = InstanceStore(settings.instances_dir, settings.tmp_dir, settings.min_free_bytes)
-        self.receiver = Receiver(settings, store, sessionmaker)
-        self.max_bytes = settings.max_instance_bytes
-
-    def add(self, data: bytes, source_ae: str | None, report: PullReport, name: str) -> None:
-        """Store one fetched instance, or add why not to `report`."""
-        status, reason, _ = self.store(data, source_ae)
-        metrics.instance_received("pull", source_ae, status, len(data))
-        if status == Status.SUCCESS:
-            report.stored += 1
+    def add(self, ingest: Ingest, data: bytes, source_ae: str | None, name: str) -> None:
+        """Store one fetched instance, or note why not."""
+        stored = ingest.store(data, source_ae, source="pull")
+        if stored.ok:
+            self.stored += 1
         else:
-            report.failed.append((name, reason))
-
-    def store(self, data: bytes, source_ae: str | None,
-              study_uid: str | None = None) -> tuple[int, str, InstanceHeader | None]:
-        """(DICOM status, reason, header) of storing one instance: validated header, durable file, then the row.
-        With `study_uid`, an instance of another study is refused (0xA900). The header is None when the data
-        is not a usable DICOM instance."""
-        if len(data) > self.max_bytes:
-            return Status.TOO_LARGE, "instance larger than the configured maximum", None
-        try:
-            header = read_header(data)
-        except InvalidUID as exc:
-            return Status.INVALID_UID, str(exc), None
-        except StorageError as exc:
-            return Status.CANNOT_UNDERSTAND, str(exc), None
-        if study_uid is not None and header.study_uid != study_uid:
-            return Status.SOP_CLASS_MISMATCH, "instance belongs to another study than the request names", header
-        status = self.receiver.persist(header, data, source_ae)
-        if status == Status.SUCCESS:
-            return status, "stored", header
-        return status, f"not stored (status 0x{status:04X}: disk full or database unavailable)", header
+            self.failed.append((name, stored.reason))
 
 
 # --- Orthanc --------------------------------------------------------------------------------------------
@@ -113,7 +80,7 @@ def pull_orthanc(client: Any, ingest: Ingest, *, study_uid: str | None = None, o
         except PullError as exc:
             report.failed.append((instance_id, str(exc)))
             continue
-        ingest.add(data, source_ae, report, instance_id)
+        report.add(ingest, data, source_ae, instance_id)
     return report
 
 
@@ -241,7 +208,7 @@ def pull_dicomweb(client: Any, ingest: Ingest, study_uid: str, source_ae: str | 
         except Exception as exc:
             report.failed.append((f"instance {i + 1}", f"cannot encode: {type(exc).__name__}"))
             continue
-        ingest.add(data, source_ae, report, f"instance {i + 1}")
+        report.add(ingest, data, source_ae, f"instance {i + 1}")
     if report.stored == 0 and not report.failed:
         raise PullError(f"{client.base_url}: study {study_uid} has no instances")
     return report

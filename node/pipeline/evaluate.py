@@ -17,10 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from node.dicom.files import group_series, iter_dicom_files
 from node.imaging import ImageLoadError
-from node.inference import load_series_image, run_plugin
-from node.offline import group_series
-from node.scu import iter_dicom_files
+from node.pipeline.inference import load_series_image, run_plugin
 from plugins import metrics
 from plugins.base import Manifest, Plugin
 

@@ -15,11 +15,11 @@ from pydicom import dcmread
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import deliveries
+from db.heartbeat import Heartbeat
 from db.models import Job, Series, utcnow
 from node import metrics
-from node.heartbeat import Heartbeat
+from node.dispatch.scu import AssociationFailed, send
 from node.results import object_kind
-from node.scu import AssociationFailed, send
 from node.settings import (
     DicomDestination,
     DicomwebDestination,

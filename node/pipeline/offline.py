@@ -13,15 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
 
+from node.dicom.files import ZipTooLarge, iter_dicom_files, zip_members
 from node.imaging import ImageLoadError
-from node.inference import encode_outputs, load_series_image, merged_warnings, run_plugin
-from node.scu import iter_dicom_files
+from node.pipeline.inference import encode_outputs, load_series_image, merged_warnings, run_plugin
 from node.settings import Settings
 from plugins.base import Findings, Manifest, Plugin
-
-MAX_ZIP_BYTES = 8 * 1024**3  # refuse a zip that would expand beyond this (zip bombs)
 
 
 class InferError(RuntimeError):
@@ -60,39 +57,15 @@ def input_files(path: Path) -> Iterator[list[Path]]:
         with tempfile.TemporaryDirectory(prefix="radnode-infer-") as tmp:
             try:
                 with zipfile.ZipFile(path) as archive:
-                    members = [m for m in archive.infolist() if not m.is_dir()]
-                    if sum(m.file_size for m in members) > MAX_ZIP_BYTES:
-                        raise InferError(f"{path}: expands beyond {MAX_ZIP_BYTES // 1024**3} GiB")
-                    for m in members:
+                    for m in zip_members(archive):
                         archive.extract(m, tmp)  # extract() keeps members inside tmp (no '..' escape)
+            except ZipTooLarge as exc:
+                raise InferError(f"{path}: {exc}") from None
             except zipfile.BadZipFile as exc:
                 raise InferError(f"{path}: not a readable zip ({exc})") from None
             yield list(iter_dicom_files([Path(tmp)]))
         return
     yield list(iter_dicom_files([path]))
-
-
-def group_series(files: list[Path], on_file: Callable[[], None] = lambda: None
-                 ) -> tuple[dict[str, list[Path]], dict[str, dict[str, str | None]], int]:
-    """Files grouped by Series Instance UID (in file order), each series' descriptions, and the number of
-    files that are not DICOM (skipped). `on_file` is called after each file (a progress bar)."""
-    series: dict[str, list[Path]] = {}
-    info: dict[str, dict[str, str | None]] = {}
-    skipped = 0
-    for f in files:
-        try:
-            ds = dcmread(f, stop_before_pixels=True)
-            uid = str(ds.SeriesInstanceUID)
-        except (InvalidDicomError, AttributeError, OSError, ValueError, EOFError, KeyError, TypeError):
-            skipped += 1
-            continue
-        finally:
-            on_file()
-        series.setdefault(uid, []).append(f)
-        if uid not in info:
-            info[uid] = {k: (str(ds.get(k)) if ds.get(k) is not None else None) for k in
-                         ("Modality", "BodyPartExamined", "StudyDescription", "SeriesDescription", "ProtocolName")}
-    return series, info, skipped
 
 
 def infer_series(plugin: Plugin, manifest: Manifest, settings: Settings, files: list[Path],

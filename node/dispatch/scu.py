@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,17 +30,6 @@ class SendReport:
     sent: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
     skipped: list[tuple[str, str]] = field(default_factory=list)
-
-
-def iter_dicom_files(paths: Iterable[Path]) -> Iterator[Path]:
-    """Files under `paths` (recursively), sorted, skipping obvious non-DICOM documentation files."""
-    for p in paths:
-        if p.is_dir():
-            for f in sorted(p.rglob("*")):
-                if f.is_file() and f.suffix.lower() not in {".md", ".txt", ".csv", ".json", ".html"}:
-                    yield f
-        elif p.is_file():
-            yield p
 
 
 def _nodelay(assoc: Association) -> None:

@@ -20,14 +20,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from node.dicom.bodypart import BODY_PARTS
 from plugins.base import Manifest
 
 DEFAULT_RULES_PATH = Path(__file__).with_name("default_rules.yaml")
 
-# Normalised body parts (DICOM BodyPartExamined-style Defined Terms); router.normalise_body_part yields these.
-BODY_PARTS = frozenset(
-    {"CHEST", "HEAD", "NECK", "ABDOMEN", "PELVIS", "PROSTATE", "SPINE", "EXTREMITY", "BREAST", "HEART", "WHOLEBODY"}
-)
 STRING_KEYS = (
     "Modality",
     "BodyPart",
@@ -438,7 +435,7 @@ def load_rules(path: Path | None, manifests: Mapping[str, Manifest],
     """Read and validate a rules file against the installed plugins' manifests (and, when given, the
     names of the configured destinations).
 
-    `path` None loads the packaged default rules (node/default_rules.yaml), which must also not route
+    `path` None loads the packaged default rules (node/route/default_rules.yaml), which must also not route
     to reference-only plugins. Raises RulesError (naming the file and line) when the file cannot be
     read or is invalid.
     """

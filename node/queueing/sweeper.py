@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import deliveries
 from db.jobs import Recovery, expired_outputs, mark_enqueued, mark_outputs_removed, recover_lost
 from db.models import utcnow
-from node.queueing import Enqueuer
+from node.queueing.broker import Enqueuer
 from node.settings import Settings
 
 log = logging.getLogger("radnode.sweeper")

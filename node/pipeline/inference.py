@@ -8,10 +8,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from node.dicom.bodypart import normalise_body_part
 from node.imaging import load_image
 from node.results.common import Provenance
 from node.results.outputs import read_sources, write_outputs
-from node.router import normalise_body_part
 from node.settings import Settings
 from plugins.base import Findings, Image, Manifest, Plugin
 from plugins.registry import build, sha256_file, weights_path

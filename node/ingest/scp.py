@@ -10,35 +10,21 @@ import socket
 import ssl
 import threading
 import time
-from dataclasses import fields
 from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
-from sqlalchemy.exc import SQLAlchemyError
 
-from db.models import utcnow
-from db.records import InstanceRecorder, ReceivedInstance
 from db.session import make_engine, make_sessionmaker
-from node import metrics
-from node.logs import setup_logging, uid_hash
+from node.dicom.status import Status
+from node.ingest.ingest import Ingest
+from node.ingest.storage import InstanceStore
+from node.logs import setup_logging
 from node.settings import Settings
-from node.storage import InstanceHeader, InstanceStore, InvalidUID, StorageFull, UndecodableDataset, read_header
 
 log = logging.getLogger("radnode.scp")
-
-
-class Status:
-    """C-STORE statuses we answer (PS3.4 Annex B and pynetdicom's storage service)."""
-
-    SUCCESS = 0x0000
-    OUT_OF_RESOURCES = 0xA700  # disk full, database down
-    TOO_LARGE = 0xA701  # refused: out of resources (instance over the configured limit)
-    SOP_CLASS_MISMATCH = 0xA900  # data set does not match SOP class
-    CANNOT_UNDERSTAND = 0xC210  # cannot decode the data set
-    INVALID_UID = 0xC211  # a UID is not a valid DICOM UID
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -49,13 +35,10 @@ def _status(code: int, comment: str) -> Dataset:
 
 
 class Receiver:
-    """The C-STORE / C-ECHO handlers of one receiver process: file first, then row, then 0x0000."""
+    """The C-STORE / C-ECHO handlers of one receiver process: Ingest.store (file, row), then the status."""
 
-    def __init__(self, settings: Settings, store: InstanceStore, sessionmaker: Any) -> None:
-        self.settings = settings
-        self.store = store
-        self.sessionmaker = sessionmaker
-        self.recorder = InstanceRecorder()
+    def __init__(self, ingest: Ingest) -> None:
+        self.ingest = ingest
 
     def handle_echo(self, event: evt.Event) -> int:
         return Status.SUCCESS
@@ -67,83 +50,16 @@ class Receiver:
             data = event.encoded_dataset(include_meta=True)
         except Exception:
             log.exception("C-STORE: could not read the received data set")
-            data = b""
-            result: int | Dataset = _status(Status.CANNOT_UNDERSTAND, "cannot read data set")
+            stored = self.ingest.refused("dimse", calling, Status.CANNOT_UNDERSTAND, "cannot read data set", 0)
         else:
-            result = self._store(event, data, calling)
-        try:
-            metrics.instance_received("dimse", calling, result if isinstance(result, int) else result.Status,
-                                      len(data))
-        except Exception:
-            log.exception("C-STORE: metrics not recorded")
-        return result
-
-    def _store(self, event: evt.Event, data: bytes, calling: str | None) -> int | Dataset:
-        if len(data) > self.settings.max_instance_bytes:
-            log.warning("C-STORE refused: %d bytes over the %d limit", len(data), self.settings.max_instance_bytes)
-            return _status(Status.TOO_LARGE, "instance larger than the configured maximum")
-        try:
-            header = read_header(data)
-        except InvalidUID as exc:
-            log.warning("C-STORE refused: %s", exc)
-            return _status(Status.INVALID_UID, str(exc))
-        except UndecodableDataset as exc:
-            log.warning("C-STORE refused: %s", exc)
-            return _status(Status.CANNOT_UNDERSTAND, str(exc))
-        request = event.request
-        if header.sop_class_uid != request.AffectedSOPClassUID:
-            log.warning("C-STORE refused: SOP Class in data set differs from the request")
-            return _status(Status.SOP_CLASS_MISMATCH, "SOPClassUID differs from the C-STORE request")
-        if header.sop_instance_uid != request.AffectedSOPInstanceUID:
-            log.warning("C-STORE refused: SOP Instance UID in data set differs from the request")
-            return _status(Status.SOP_CLASS_MISMATCH, "SOPInstanceUID differs from the C-STORE request")
-        return self.persist(header, data, calling)
-
-    def persist(self, header: InstanceHeader, data: bytes, calling_ae: str | None) -> int:
-        """Durable write, then the row; a status for every failure. Shared by every receive path."""
-        try:
-            relative = self.store.write(header, data)
-        except StorageFull as exc:
-            log.error("C-STORE refused: %s", exc)
-            return Status.OUT_OF_RESOURCES
-        except InvalidUID:
-            return Status.INVALID_UID
-        except OSError:
-            log.exception("C-STORE refused: could not write the instance")
-            return Status.OUT_OF_RESOURCES
-        rec = to_record(header, relative, len(data), calling_ae)
-        try:
-            with self.sessionmaker.begin() as session:
-                new = self.recorder.record(session, rec, utcnow())
-        except SQLAlchemyError:
-            self.recorder.forget()
-            # The file is on disk (a resend overwrites it; start-up reconciles it); the sender retries.
-            log.exception("C-STORE refused: database unavailable")
-            return Status.OUT_OF_RESOURCES
-        log.debug(
-            "stored instance %s series %s (%s, %d bytes)",
-            uid_hash(header.sop_instance_uid),
-            uid_hash(header.series_uid),
-            "new" if new else "re-sent",
-            len(data),
-        )
-        return Status.SUCCESS
+            request = event.request
+            stored = self.ingest.store(data, calling, source="dimse", sop_class_uid=request.AffectedSOPClassUID,
+                                       sop_instance_uid=request.AffectedSOPInstanceUID)
+        return stored.status if stored.ok else _status(stored.status, stored.reason)
 
     def handle_association(self, event: evt.Event) -> None:
         event.assoc.dul._run_loop_delay = _ShortSleeps.POLL_SECONDS  # see tighten_polling
         log.info("association from AE %s (%s)", event.assoc.requestor.ae_title, event.assoc.requestor.address)
-
-
-
-
-def to_record(header: InstanceHeader, path: str, size_bytes: int, calling_ae: str | None) -> ReceivedInstance:
-    """The job-table record of a stored instance."""
-    return ReceivedInstance(
-        path=path,
-        size_bytes=size_bytes,
-        calling_ae=calling_ae,
-        **{f.name: getattr(header, f.name) for f in fields(header)},
-    )
 
 
 class _SharedPortServer(ThreadedAssociationServer):
@@ -269,7 +185,7 @@ def receiver_main(settings_data: dict[str, Any], index: int, ready: Any) -> None
     tighten_polling()
     store = InstanceStore(settings.instances_dir, settings.tmp_dir, settings.min_free_bytes)
     engine = make_engine(settings.db_url)
-    receiver = Receiver(settings, store, make_sessionmaker(engine))
+    receiver = Receiver(Ingest(settings, make_sessionmaker(engine), store))
     try:
         ae, servers = start_servers(settings, receiver)
     except OSError as exc:

@@ -1,11 +1,9 @@
-"""Persist step: durable, idempotent instance files (temp file, fsync, atomic rename) and their header."""
+"""The header of a received instance: UID checks (before any UID touches a path) and the attributes that
+tracking and routing need, parsed without pixels."""
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import uuid
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -17,19 +15,15 @@ from pydicom.errors import InvalidDicomError
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
-class StorageError(Exception):
-    """Base class: the instance was not stored."""
+class HeaderError(ValueError):
+    """Base class: the bytes are not a DICOM instance radnode can accept."""
 
 
-class InvalidUID(StorageError):
+class InvalidUID(HeaderError):
     """A UID is missing or not a valid DICOM UID; it never reaches a path."""
 
 
-class StorageFull(StorageError):
-    """No space left for the instance (or below the configured reserve)."""
-
-
-class UndecodableDataset(StorageError):
+class UndecodableDataset(HeaderError):
     """The received bytes are not a DICOM dataset we can read a header from."""
 
 
@@ -119,102 +113,3 @@ def read_header(source: bytes | Path) -> InstanceHeader:
         series_number=_number(ds, "SeriesNumber", int),
         number_of_frames=_number(ds, "NumberOfFrames", int),
     )
-
-
-class InstanceStore:
-    """Instance files under `<data dir>/instances/<study>/<series>/<sop>.dcm`, written durably."""
-
-    def __init__(self, root: Path, tmp_dir: Path, min_free_bytes: int = 0) -> None:
-        self.root = root
-        self.tmp_dir = tmp_dir
-        self.min_free_bytes = min_free_bytes
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
-
-    def relative_path(self, header: InstanceHeader) -> str:
-        """Path of an instance relative to the store root; every part is a validated UID."""
-        for uid, what in (
-            (header.study_uid, "StudyInstanceUID"),
-            (header.series_uid, "SeriesInstanceUID"),
-            (header.sop_instance_uid, "SOPInstanceUID"),
-        ):
-            check_uid(uid, what)
-        return f"{header.study_uid}/{header.series_uid}/{header.sop_instance_uid}.dcm"
-
-    def path(self, relative: str) -> Path:
-        return self.root / relative
-
-    def free_bytes(self) -> int:
-        return shutil.disk_usage(self.root).free
-
-    def write(self, header: InstanceHeader, data: bytes) -> str:
-        """Write `data` durably at the instance's path and return the relative path.
-
-        Temp file in the store's tmp dir, fsync, atomic rename over any previous copy (a re-sent
-        instance replaces the old one), fsync of the directory. Raises StorageFull when the disk
-        is full or below the reserve, InvalidUID for a bad UID, OSError for other I/O failures.
-        """
-        relative = self.relative_path(header)
-        final = self.root / relative
-        if self.min_free_bytes and self.free_bytes() - len(data) < self.min_free_bytes:
-            raise StorageFull("free space below the configured reserve")
-        tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-            try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            self._ensure_dir(final.parent)
-            os.replace(tmp, final)
-            _fsync_dir(final.parent)
-        except OSError as exc:
-            _unlink_quietly(tmp)
-            if exc.errno in (28, 122):  # ENOSPC, EDQUOT
-                raise StorageFull(f"disk full: {exc.strerror}") from exc
-            raise
-        return relative
-
-    def _ensure_dir(self, directory: Path) -> None:
-        if directory.is_dir():
-            return
-        missing = []
-        d = directory
-        while not d.exists():
-            missing.append(d)
-            d = d.parent
-        directory.mkdir(parents=True, exist_ok=True)
-        for d in reversed(missing):  # make the new directory entries durable too
-            _fsync_dir(d.parent)
-
-    def clean_tmp(self) -> int:
-        """Remove partial files left by a crash; returns how many were removed."""
-        removed = 0
-        for p in self.tmp_dir.glob("*.part"):
-            _unlink_quietly(p)
-            removed += 1
-        return removed
-
-    def iter_files(self):
-        """Yield the relative path of every stored instance file."""
-        for p in self.root.glob("*/*/*.dcm"):
-            yield str(p.relative_to(self.root))
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

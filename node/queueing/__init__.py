@@ -1,0 +1,1 @@
+"""Queueing: the Celery wiring (the only place in node/ that imports Celery) and the sweeper."""
