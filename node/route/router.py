@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -22,7 +22,6 @@ from db.models import Job, Series, Study, utcnow
 from node.dicom.bodypart import normalise_body_part
 from node.imaging import ImageLoadError, LungCheck, check_lungs_in_files
 from node.logs import uid_hash
-from node.queueing.broker import Enqueuer
 from node.route.rules import ContainsCondition, NumCondition, RuleSet, StrCondition
 from plugins.base import Manifest
 
@@ -173,11 +172,18 @@ def needs_lung_check(manifest: Manifest, attrs: SeriesAttrs) -> bool:
     return (attrs.modality or "").upper() == "CT" and "CHEST" in manifest.series.body_parts
 
 
+class JobSender(Protocol):
+    """What the router needs of the queue (node.queueing.broker.Enqueuer): send (job id, queue, priority)
+    tasks in order after the commit, and say which were sent."""
+
+    def send(self, items: list[tuple[int, str, str]]) -> list[int]: ...
+
+
 class Router:
     """Turns complete series into queued jobs, records why (or why not), then enqueues after commit."""
 
     def __init__(self, maker: sessionmaker[Session], rules: RuleSet, manifests: Mapping[str, Manifest],
-                 enqueuer: Enqueuer, instances_dir: Path,
+                 enqueuer: JobSender, instances_dir: Path,
                  lung_check: Callable[[Sequence[Path]], LungCheck] = check_lungs_in_files) -> None:
         self.maker = maker
         self.rules = rules
