@@ -273,6 +273,21 @@ class Provenance:
     def uid(self, source_series_uid: str, kind: str, index: int | str) -> str:
         return derive_uid(source_series_uid, self.manifest.name, self.manifest.version, kind, index)
 
+    def identity(self, kind: str, source_series_uid: str, source: Dataset, index: int | str = 0) -> dict[str, Any]:
+        """The highdicom constructor arguments every output object shares: its series and instance UIDs (derived
+        from source series, plugin and version, so a retried job writes the same objects), its series number
+        and the equipment that made it (radnode and the plugin)."""
+        return {
+            "series_instance_uid": self.uid(source_series_uid, kind, "series"),
+            "series_number": series_number(self.manifest.name, kind, source),
+            "sop_instance_uid": self.uid(source_series_uid, kind, index),
+            "manufacturer": self.manufacturer,
+            "manufacturer_model_name": self.model_name,
+            "software_versions": self.software_versions,
+            "device_serial_number": self.device_serial_number,
+            "institution_name": self.institution_name,
+        }
+
     @property
     def device_uid(self) -> str:
         """The algorithm as a device: derived from the plugin's name and version only, so it is the same on

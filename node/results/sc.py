@@ -18,7 +18,6 @@ from node.results.common import (
     Provenance,
     body_parts,
     complete_lossy_compression,
-    series_number,
     set_laterality,
 )
 from node.results.seg import segment_colours
@@ -262,7 +261,6 @@ def _sc(
     instance_number: int,
 ) -> Dataset:
     """One SCImage in the source's patient/study, with our provenance and a reference to its source."""
-    plugin = prov.manifest.name
     pixel_spacing = None
     if image.kind == "volume" and len(image.spacing) == 3:
         pixel_spacing = (float(image.spacing[1]), float(image.spacing[2]))
@@ -273,20 +271,13 @@ def _sc(
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        series_instance_uid=prov.uid(source_series_uid, "SC", "series"),
-        series_number=series_number(plugin, "SC", ds),
-        sop_instance_uid=prov.uid(source_series_uid, "SC", f"{key}:{index}"),
+        **prov.identity("SC", source_series_uid, ds, f"{key}:{index}"),
         instance_number=instance_number,
-        manufacturer=prov.manufacturer,
         pixel_spacing=pixel_spacing,
         # highdicom requires an orientation for PATIENT; an unknown one is emptied below (Type 2)
         patient_orientation=orientation or ("L", "P"),
         transfer_syntax_uid=ExplicitVRLittleEndian,
         series_description=prov.series_description("SC", ds),
-        manufacturer_model_name=prov.model_name,
-        software_versions=prov.software_versions,
-        device_serial_number=prov.device_serial_number,
-        institution_name=prov.institution_name,
     )
     if orientation is None:
         sc.PatientOrientation = None

@@ -20,7 +20,6 @@ from node.results.common import (
     complete_lossy_compression,
     declare_private_schemes,
     drop_incomplete_references,
-    series_number,
     set_laterality,
     source_header,
 )
@@ -149,14 +148,8 @@ def encode_seg(
         pixel_array=pixel_array.astype(np.uint8),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
-        series_instance_uid=prov.uid(source_series_uid, "SEG", "series"),
-        series_number=series_number(manifest.name, "SEG", source_images[0]),
-        sop_instance_uid=prov.uid(source_series_uid, "SEG", 0),
+        **prov.identity("SEG", source_series_uid, source_images[0]),
         instance_number=1,
-        manufacturer=prov.manufacturer,
-        manufacturer_model_name=prov.model_name,
-        software_versions=prov.software_versions,
-        device_serial_number=prov.device_serial_number,
         content_description=prov.series_description("SEG", source_images[0]),
         omit_empty_frames=bool(stacked.any()) and not spread,  # all empty: keep the frames, never write none
     )

@@ -19,7 +19,6 @@ from node.results.common import (
     declare_private_schemes,
     derive_uid,
     drop_incomplete_references,
-    series_number,
     source_header,
 )
 from plugins.base import Findings, Image, Measurement, SourceRef
@@ -216,15 +215,8 @@ def encode_sr(
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,
-        series_instance_uid=prov.uid(source_series_uid, "SR", "series"),
-        series_number=series_number(manifest.name, "SR", evidence[0]),
-        sop_instance_uid=prov.uid(source_series_uid, "SR", 0),
+        **prov.identity("SR", source_series_uid, evidence[0]),
         instance_number=1,
-        manufacturer=prov.manufacturer,
-        manufacturer_model_name=prov.model_name,
-        software_versions=prov.software_versions,
-        device_serial_number=prov.device_serial_number,
-        institution_name=prov.institution_name,
         series_description=prov.series_description("SR", evidence[0]),
         # complete and final as the algorithm's output; unverified: no person has checked it
         is_complete=True,
