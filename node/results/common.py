@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,18 +184,20 @@ def set_laterality(ds: Dataset, source: Dataset, parts: frozenset[str], unknown:
         ds.Laterality = None  # a paired or unrecognised body part whose side nobody recorded: unknown
 
 
+def walk_items(ds: Dataset) -> Iterator[Dataset]:
+    """The data set and every item of every sequence in it, at any depth."""
+    stack = [ds]
+    while stack:
+        item = stack.pop()
+        yield item
+        stack.extend(nested for element in item if element.VR == "SQ" for nested in element.value)
+
+
 def declare_private_schemes(ds: Dataset) -> None:
     """Add a Coding Scheme Identification item for every private coding scheme (designator "99...")
     the object's codes use, so a reader can tell where a code such as 99RADNODE LAA950 comes from."""
-    found: set[str] = set()
-    stack = [ds]
-    while stack:
-        current = stack.pop()
-        for element in current:
-            if element.VR == "SQ":
-                stack.extend(element.value)
-            elif element.keyword == "CodingSchemeDesignator" and str(element.value).startswith("99"):
-                found.add(str(element.value))
+    found = {str(item.CodingSchemeDesignator) for item in walk_items(ds)
+             if str(item.get("CodingSchemeDesignator", "")).startswith("99")}
     if not found:
         return
     items = list(ds.get("CodingSchemeIdentificationSequence", []))

@@ -20,6 +20,7 @@ from node.results.common import (
     derive_uid,
     drop_incomplete_references,
     source_header,
+    walk_items,
 )
 from plugins.base import Findings, Image, Measurement, SourceRef
 
@@ -283,12 +284,7 @@ _MEANINGS = {("121233", "DCM"): "Source image for segmentation"}
 
 
 def _standard_meanings(ds: Dataset) -> None:
-    stack = [ds]
-    while stack:
-        item = stack.pop()
-        for element in item:
-            if element.VR == "SQ":
-                stack.extend(element.value)
+    for item in walk_items(ds):
         meaning = _MEANINGS.get((str(item.get("CodeValue")), str(item.get("CodingSchemeDesignator"))))
         if meaning is not None:
             item.CodeMeaning = meaning
