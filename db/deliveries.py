@@ -16,7 +16,7 @@ from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.jobs import transition
-from db.models import Delivery, DeliveryState, FailStage, Job, JobState, utcnow
+from db.models import Delivery, DeliveryState, FailStage, Job, JobState, Series, utcnow
 
 P, SENT, FAILED = DeliveryState.PENDING, DeliveryState.SENT, DeliveryState.FAILED
 
@@ -97,6 +97,15 @@ def claim(session: Session, delivery_id: int, now: datetime) -> Claim | None:
         select(Delivery.job_id, Delivery.destination, Delivery.attempts).where(Delivery.id == delivery_id)
     ).one()
     return Claim(delivery_id, job_id, name, attempts)
+
+
+def job_outputs(session: Session, job_id: int) -> tuple[str, list[str], str | None]:
+    """What a delivery of job `job_id` sends: (plugin, output paths, calling AE title the series came from)."""
+    plugin, outputs, calling_ae = session.execute(
+        select(Job.plugin, Job.outputs, Series.calling_ae).join(Series, Job.series_id == Series.id)
+        .where(Job.id == job_id)
+    ).one()
+    return plugin, list(outputs or []), calling_ae
 
 
 def heartbeat(session: Session, delivery_id: int, now: datetime | None = None) -> bool:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import RowMapping, and_, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -234,6 +234,40 @@ def series_paths(session: Session, series_id: int) -> list[str]:
     return list(
         session.execute(select(Instance.path).where(Instance.series_id == series_id).order_by(Instance.id)).scalars()
     )
+
+
+def series_and_paths(session: Session, series_id: int) -> tuple[Series, Study, list[str]]:
+    """A series, its study and its instances' relative storage paths in arrival order (the router and the
+    worker read these; the objects' columns stay readable after the session closes). Raises LookupError."""
+    series = session.get(Series, series_id)
+    if series is None:
+        raise LookupError(f"no series {series_id}")
+    return series, session.get(Study, series.study_id), series_paths(session, series_id)
+
+
+def job_row(session: Session, job_id: int) -> RowMapping | None:
+    """One job's columns as a plain mapping (a snapshot, readable after the session closes); None for an
+    unknown id."""
+    return session.execute(select(Job.__table__).where(Job.id == job_id)).mappings().one_or_none()
+
+
+def series_job(session: Session, series_id: int, plugin: str) -> Job:
+    """The job of `plugin` on a series (at most one per series and plugin). Raises NoResultFound."""
+    return session.execute(select(Job).where(Job.series_id == series_id, Job.plugin == plugin)).scalar_one()
+
+
+def queue_items(session: Session, job_ids: Sequence[int]) -> list[tuple[int, str, str]]:
+    """(job id, queue, priority) of these jobs: what sending their tasks needs."""
+    rows = session.execute(select(Job.id, Job.queue, Job.priority).where(Job.id.in_(list(job_ids)))).all()
+    return [(i, q, p) for i, q, p in rows]
+
+
+def add_timing(session: Session, job_id: int, name: str, seconds: float) -> None:
+    """Add (or replace) one entry of a job's timings, e.g. `deliver:PACS`. The caller commits."""
+    job = session.get(Job, job_id)
+    timings = dict(job.timings or {})
+    timings[name] = seconds
+    job.timings = timings
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -209,6 +209,11 @@ def next_stable_at(session: Session, window_seconds: float) -> datetime | None:
     return earliest + timedelta(seconds=window_seconds)
 
 
+def series_id_of(session: Session, series_uid: str) -> int:
+    """The id of a recorded series. Raises NoResultFound."""
+    return session.execute(select(Series.id).where(Series.series_uid == series_uid)).scalar_one()
+
+
 def known_paths(session: Session) -> set[str]:
     """Relative paths of every recorded instance (for reconciling the store after a crash)."""
     return set(session.execute(select(Instance.path)).scalars())

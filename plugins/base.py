@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal, Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -22,7 +23,6 @@ OUTPUT_KINDS = ("SR", "SEG", "SC")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 CONFIG_FILE = "config.json"  # in <models dir>/<plugin>/: overrides keys of the manifest's config
 ONNX_FILE = "model.onnx"  # in <models dir>/<plugin>/: the exported model for backend "onnx"
-
 
 
 def validation_problems(exc: ValidationError, root: str) -> str:
@@ -322,8 +322,43 @@ class WeightsUnavailable(RuntimeError):
     """The plugin's weights file is missing or unreadable: the plugin is unavailable, jobs are skipped."""
 
 
+class NotApplicable(Exception):
+    """The image does not suit the plugin: the message says why. Raised inside a plugin's own steps; its `run`
+    returns `Findings.not_applicable_because(str(exc))`."""
+
+
+# --- what the optional capabilities return ------------------------------------------------------------------
+
+
+class Embeddings(Protocol):
+    """What `Plugin.embed_studies` returns: per array one row for each id in `ids`, why the other items have
+    none (`failed`: the caller may add items it could not hand over), and `write`, which writes all of it as the
+    plugin's embeddings file to a binary file (the caller picks the path and writes it atomically)."""
+
+    ids: list[str]
+    arrays: dict[str, np.ndarray]
+    failed: dict[str, str]
+
+    def write(self, file: BinaryIO) -> None:
+        """Write the embeddings file. Raises ValueError when the arrays do not fit the ids, OSError."""
+        ...
+
+
+@dataclass(frozen=True)
+class TrainedHeads:
+    """What `Plugin.train_heads` returns: the training report (JSON-able) and the heads file's content, which
+    the caller writes (atomically) where it wants."""
+
+    report: dict[str, Any]
+    content: bytes
+
+
 class Plugin(ABC):
-    """One model = one call. Built by the manifest's factory, loaded once per worker process."""
+    """One model = one call. Built by the manifest's factory, loaded once per worker process.
+
+    Besides `load` and `run`, a plugin may offer capabilities the CLI's model tools use without naming it:
+    `export_onnx` (`radnode export-onnx`), `load_embedder` + `embed_studies` (`radnode embed`), `train_heads`
+    (`radnode train-head`). The defaults raise NotImplementedError saying the plugin cannot."""
 
     def __init__(self, manifest: Manifest) -> None:
         self.manifest = manifest
@@ -338,9 +373,33 @@ class Plugin(ABC):
         """Run on one series. Return `Findings.not_applicable_because(reason)` when the series does
         not suit the model; raise on a genuine failure (the job is failed with the reason)."""
 
+    # --- optional capabilities ----------------------------------------------------------------------------
+
     def export_onnx(self, path: Path) -> dict[str, Any]:
         """Export the loaded model to ONNX at `path` and check it against torch on a sample input.
 
         Returns a report with at least "max_abs_diff". Plugins without an ONNX path raise
         NotImplementedError (the default)."""
         raise NotImplementedError(f"plugin {self.manifest.name} has no ONNX export")
+
+    def load_embedder(self, device: str, weights: Path | None) -> None:
+        """Load what `embed_studies` needs onto `device` (e.g. a backbone without its heads). Raises
+        WeightsUnavailable; NotImplementedError (the default) for a plugin that cannot embed."""
+        raise NotImplementedError(f"plugin {self.manifest.name} cannot embed")
+
+    def embed_studies(self, items: Sequence[tuple[str, Sequence[Path]]], load: Callable[[Sequence[Path]], Image],
+                      *, batch_size: int = 8, patches: bool = False,
+                      progress: Callable[[int, int], None] | None = None) -> Embeddings:
+        """Embed each item (an id and the files of its one image, read by `load`, the node's image loader) in
+        batches of `batch_size`; `patches` also keeps every patch token; `progress(done, total)` after each
+        item. An item that cannot be loaded or does not suit the model is recorded in `failed`. Raises
+        ValueError (repeated ids, batch_size < 1), RuntimeError (not loaded by `load_embedder`);
+        NotImplementedError (the default) for a plugin that cannot embed."""
+        raise NotImplementedError(f"plugin {self.manifest.name} cannot embed")
+
+    def train_heads(self, embeddings: Path, labels: Path, *, seed: int = 0, val_fraction: float = 0.2,
+                    epochs: int = 100, hidden: int = 0) -> TrainedHeads:
+        """Train the plugin's heads on an embeddings file (written from `embed_studies`) and a labels CSV.
+        Raises ValueError (bad labels, embeddings or training data), OSError; NotImplementedError (the
+        default) for a plugin without trainable heads."""
+        raise NotImplementedError(f"plugin {self.manifest.name} cannot train heads")

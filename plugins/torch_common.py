@@ -1,17 +1,19 @@
-"""Shared helpers for the torch plugins: merged configuration, device and autocast, strict weight loading,
-and the ONNX Runtime backend. Imports torch (and onnxruntime) lazily: manifests never import this."""
+"""Shared by the torch plugins: `TorchPlugin`, the one torch-or-ONNX `load`; the configuration base and its
+validation; device and autocast; strict weight loading; ONNX export and the ONNX Runtime backend. Imports torch
+(and onnxruntime) lazily: manifests never import this."""
 
 from __future__ import annotations
 
 import contextlib
+from abc import abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 
 import numpy as np
-from pydantic import BaseModel, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
-from plugins.base import Manifest, WeightsUnavailable, validation_problems
+from plugins.base import ONNX_FILE, Manifest, Plugin, WeightsUnavailable, validation_problems
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -120,7 +122,10 @@ class OnnxModel:
     def __init__(self, path: Path, device: Any) -> None:
         if not path.is_file():
             raise WeightsUnavailable(f"ONNX model {path} not found: run `radnode export-onnx` first")
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise WeightsUnavailable(f"backend onnx needs onnxruntime ({exc})") from exc
 
         providers = ["CPUExecutionProvider"]
         if getattr(device, "type", "cpu") == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
@@ -134,3 +139,83 @@ class OnnxModel:
     def __call__(self, *arrays: np.ndarray) -> list[np.ndarray]:
         feed = {name: np.ascontiguousarray(a, dtype=np.float32) for name, a in zip(self.inputs, arrays, strict=True)}
         return self.session.run(None, feed)
+
+
+# --- the plugin base -------------------------------------------------------------------------------------
+
+
+class TorchConfig(BaseModel):
+    """Base of a torch plugin's configuration (the manifest's `config` with config.json applied): frozen,
+    unknown keys refused, and the backend that runs the network."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    backend: Literal["torch", "onnx"]
+
+
+def _low_high(window: tuple[float, float]) -> tuple[float, float]:
+    if not window[0] < window[1]:
+        raise ValueError(f"hu_window must be [low, high] with low < high, got {list(window)}")
+    return window
+
+
+HuWindow = Annotated[tuple[float, float], AfterValidator(_low_high)]  # HU mapped to [0, 1] by a CT plugin
+
+C = TypeVar("C", bound=TorchConfig)
+
+
+class TorchPlugin(Plugin, Generic[C]):
+    """A plugin whose network runs in torch (safetensors weights, strict loading) or in ONNX Runtime (model.onnx
+    beside the weights, written by `radnode export-onnx`), as its configuration's `backend` says.
+
+    A subclass names its configuration model (`config_model`), builds its untrained network (`new_network`)
+    and may check an ONNX model against the configuration (`check_onnx`) or add checks to the configuration
+    (`read_config`). After `load`: `config`, `device`, and `net` (backend "torch") or `onnx` (backend "onnx")."""
+
+    config_model: ClassVar[type[TorchConfig]]
+    weights_name: ClassVar[str] = "weights file"  # how the "not found" error names the torch weights
+
+    config: C
+    device: Any = None  # torch.device, set by load
+    net: Any = None  # the torch network (backend "torch")
+    onnx: OnnxModel | None = None  # the ONNX Runtime session (backend "onnx")
+
+    @property
+    def loaded(self) -> bool:
+        """Whether a network is loaded (by either backend)."""
+        return self.net is not None or self.onnx is not None
+
+    def load(self, device: str, weights: Path | None) -> None:
+        """Validate the configuration, then load the network onto `device`: backend "torch" builds it and loads
+        `weights` (safetensors) strictly; backend "onnx" opens model.onnx beside them and checks it against the
+        configuration. Raises WeightsUnavailable: an invalid config.json, no weights path (so no models folder),
+        a missing or unusable file, weights or an ONNX model that do not fit the configuration."""
+        self.net = self.onnx = None
+        self.config = self.read_config(weights)
+        self.device = torch_device(device)
+        if weights is None:
+            raise WeightsUnavailable(f"{self.manifest.name}: weights not found (no weights path given, so no "
+                                     "models folder)")
+        if self.config.backend == "onnx":
+            path = weights.parent / ONNX_FILE
+            onnx = OnnxModel(path, self.device)
+            self.check_onnx(onnx, path)
+            self.onnx = onnx
+        elif not weights.is_file():  # before building the network: a large one takes seconds to initialise
+            raise WeightsUnavailable(f"{self.weights_name} {weights} not found")
+        else:
+            self.net = load_weights(self.new_network(), weights).to(self.device)
+
+    def read_config(self, weights: Path | None) -> C:
+        """The merged configuration (config.json beside `weights`) validated by `config_model`. Raises
+        WeightsUnavailable naming the bad keys."""
+        merged = merged_config(self.manifest, weights)
+        return validated_config(self.config_model, merged, self.manifest.name)  # type: ignore[return-value]
+
+    @abstractmethod
+    def new_network(self) -> Any:
+        """The untrained torch network of `self.config` (load_weights fills it). Raises WeightsUnavailable when
+        the configuration names an architecture that cannot be built."""
+
+    def check_onnx(self, onnx: OnnxModel, path: Path) -> None:
+        """Raise WeightsUnavailable when the ONNX model at `path` does not fit `self.config` (default: no check)."""

@@ -1,13 +1,16 @@
 """Chest X-ray input geometry shared by the X-ray plugins: letterbox a display-ready grey image onto the square
-model input, normalise it, and map a patch-grid map back onto the original image. numpy and Pillow only."""
+model input, normalise it (`Std`: the configuration type of its standard deviations), and map a patch-grid map
+back onto the original image. numpy, Pillow and pydantic only."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 from PIL import Image as PILImage
+from pydantic import AfterValidator
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,15 @@ def letterbox(pixels: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
     canvas = np.zeros((size, size), dtype=np.float32)
     canvas[top : top + height, left : left + width] = np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
     return canvas, Letterbox((rows, cols), size, top, left, height, width)
+
+
+def _positive(std: tuple[float, float, float]) -> tuple[float, float, float]:
+    if min(std) <= 0:
+        raise ValueError("std values must be positive")
+    return std
+
+
+Std = Annotated[tuple[float, float, float], AfterValidator(_positive)]  # a configuration's per-channel std
 
 
 def normalise(canvas: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:

@@ -332,7 +332,7 @@ def test_load_never_reaches_the_network(weights: Path, monkeypatch: pytest.Monke
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
-    assert loaded(weights)._torch is not None
+    assert loaded(weights).net is not None
 
 
 def test_runs_are_deterministic(plugin, weights: Path, xrays):
@@ -390,7 +390,7 @@ def test_onnx_export_and_backend_agree_with_torch(tmp_path: Path, plugin, weight
 def test_onnx_without_attention_output_runs_without_heatmap(tmp_path: Path, weights: Path, plugin, xrays):
     folder = tmp_path / MANIFEST.name
     folder.mkdir()
-    vit = plugin._torch.vit
+    vit = plugin.net.vit
     export_onnx(vit, [torch.zeros(1, 3, 64, 64)], folder / "model.onnx", ["input"], ["logits"])
     (folder / "config.json").write_text(json.dumps({**TINY, "backend": "onnx"}))
     findings = loaded(folder / MANIFEST.weights).run(xrays["sc-dx-mono2"][1])

@@ -15,13 +15,8 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_space
 from pydicom.uid import generate_uid
 
-from node.imaging import (
-    ImageLoadError,
-    check_lungs,
-    check_lungs_in_files,
-    load_image,
-    quality_warnings,
-)
+from node.imaging import ImageLoadError, load_image, quality_warnings
+from node.route.lungs import check_lungs, check_lungs_in_files
 from plugins.base import Image
 from plugins.lungs import LUNG_MIN_ML
 from tests.conftest import have, need

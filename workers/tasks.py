@@ -15,13 +15,13 @@ from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
 from db import deliveries, jobs, workers
 from db.heartbeat import Heartbeat
-from db.models import FailStage, Job, JobState, Series, Study, utcnow
+from db.models import FailStage, JobState, Series, Study, utcnow
 from db.session import make_engine, make_sessionmaker
 from node import metrics
 from node.dispatch.dispatcher import Dispatcher
-from node.imaging import ImageLoadError
 from node.logs import job_context, uid_hash
-from node.pipeline.inference import encode_outputs, load_plugin, load_series_image, merged_warnings, run_plugin
+from node.pipeline.inference import load_plugin
+from node.pipeline.run import run_series
 from node.queueing.broker import TASK_DISPATCH, TASK_INFER, Enqueuer
 from node.results.common import warm_up
 from node.settings import Settings, load_settings
@@ -64,18 +64,14 @@ class WorkerRuntime:
         raises out of here except database errors (the task is then redelivered or swept).
         """
         with self.maker() as session:
-            row = session.execute(
-                Job.__table__.select().where(Job.id == job_id)
-            ).mappings().one_or_none()
+            row = jobs.job_row(session, job_id)
             if row is None:
                 log.warning("job %d does not exist; task dropped", job_id)
                 return "missing"
             if row["state"] != JobState.QUEUED:
                 log.info("job %d is %s already; duplicate task ignored", job_id, row["state"])
                 return "duplicate"
-            series = session.get(Series, row["series_id"])
-            study = session.get(Study, series.study_id)
-            rel_paths = jobs.series_paths(session, series.id)
+            series, study, rel_paths = jobs.series_and_paths(session, row["series_id"])
         manifest = self.discovery.manifests.get(row["plugin"])
         if manifest is None:
             why = self.discovery.errors.get(row["plugin"], "not installed")
@@ -98,6 +94,7 @@ class WorkerRuntime:
 
     def _run(self, job_id: int, manifest: Manifest, series: Series, study: Study, rel_paths: list[str],
              row: Any) -> str:
+        """Load the model (once per process), then `run_series`; its result becomes the job's next state."""
         timings: dict[str, float] = {}
         if row["enqueued_at"] is not None:
             timings["queue_wait"] = round((utcnow() - row["enqueued_at"]).total_seconds(), 3)
@@ -113,56 +110,34 @@ class WorkerRuntime:
             self._finish(job_id, jobs.fail, R, FailStage.INFER, f"model load: {type(exc).__name__}: {exc}")
             return JobState.FAILED
         timings["model_load"] = round(time.perf_counter() - t, 3)
-        common = {"weights_sha256": sha}
-        t = time.perf_counter()
-        try:
-            paths = [self.settings.instances_dir / p for p in rel_paths]
-            image = load_series_image(paths, manifest, {
-                "BodyPartExamined": series.body_part_examined, "StudyDescription": study.study_description,
-                "SeriesDescription": series.series_description, "ProtocolName": series.protocol_name,
-            })
-        except ImageLoadError as exc:
-            self._finish(job_id, jobs.fail, R, FailStage.INFER, f"image load: {exc}", **common)
+        stored = self.settings.instances_dir
+        descriptions = {
+            "BodyPartExamined": series.body_part_examined, "StudyDescription": study.study_description,
+            "SeriesDescription": series.series_description, "ProtocolName": series.protocol_name,
+        }
+        result = run_series(plugin, manifest, self.settings, [stored / p for p in rel_paths], descriptions,
+                            series.series_uid, self.settings.outputs_dir / str(job_id), sha, meta={"job_id": job_id},
+                            paths_by_uid={Path(p).stem: stored / p for p in rel_paths})
+        timings |= result.timings
+        common: dict[str, Any] = {"weights_sha256": sha}
+        if result.state == "failed":
+            if result.error is not None:
+                what = {"image": "image load", "model": f"plugin {manifest.name}"}.get(result.failed_at, "encoding")
+                log.error("job %d: %s failed", job_id, what, exc_info=result.error)
+            stage = FailStage.ENCODE if result.failed_at == "encode" else FailStage.INFER
+            if result.failed_at != "image":  # the image loaded: its warnings and the seconds so far
+                common |= {"warnings": result.warnings, "timings": timings}
+            self._finish(job_id, jobs.fail, R, stage, result.reason, **common)
             return JobState.FAILED
-        except Exception as exc:
-            log.exception("job %d: image load failed", job_id)
-            self._finish(job_id, jobs.fail, R, FailStage.INFER, f"image load: {type(exc).__name__}: {exc}",
-                         **common)
-            return JobState.FAILED
-        timings["image_load"] = round(time.perf_counter() - t, 3)
-        t = time.perf_counter()
-        try:
-            findings = run_plugin(plugin, manifest, image)
-        except Exception as exc:
-            log.exception("job %d: plugin %s failed", job_id, manifest.name)
-            self._finish(job_id, jobs.fail, R, FailStage.INFER, f"{type(exc).__name__}: {exc}",
-                         warnings=list(image.warnings), timings=timings, **common)
-            return JobState.FAILED
-        timings["infer"] = round(time.perf_counter() - t, 3)
-        warnings = merged_warnings(image, findings)
-        if findings.not_applicable:
-            self._finish(job_id, jobs.skip, R, f"not applicable: {findings.not_applicable}", warnings=warnings,
-                         findings=findings.to_json(), timings=timings, **common)
+        findings = result.findings.to_json()
+        if result.state == "not-applicable":
+            self._finish(job_id, jobs.skip, R, f"not applicable: {result.reason}", warnings=result.warnings,
+                         findings=findings, timings=timings, **common)
             return JobState.SKIPPED
-        t = time.perf_counter()
-        try:
-            meta = {"job_id": job_id, "plugin": manifest.name, "plugin_version": manifest.version,
-                    "weights_sha256": sha, "source_instances": len(image.sources)}
-            by_uid = {Path(p).stem: self.settings.instances_dir / p for p in rel_paths}
-            parts: dict[str, float] = {}
-            outputs = encode_outputs(findings, image, by_uid, self.settings, manifest, series.series_uid,
-                                     self.settings.outputs_dir / str(job_id), meta, parts)
-        except Exception as exc:
-            log.exception("job %d: encoding failed", job_id)
-            self._finish(job_id, jobs.fail, R, FailStage.ENCODE, f"{type(exc).__name__}: {exc}",
-                         warnings=warnings, timings=timings, **common)
-            return JobState.FAILED
-        timings["encode"] = round(time.perf_counter() - t, 3)
-        timings |= {f"encode:{kind}": seconds for kind, seconds in parts.items()}
+        timings |= {f"encode:{kind}": seconds for kind, seconds in result.encode_parts.items()}
         with self.maker.begin() as session:
-            done = jobs.transition(session, job_id, R, JobState.ENCODED, warnings=warnings,
-                                   findings=findings.to_json(), outputs=[str(p) for p in outputs], timings=timings,
-                                   **common)
+            done = jobs.transition(session, job_id, R, JobState.ENCODED, warnings=result.warnings, findings=findings,
+                                   outputs=[str(p) for p in result.outputs], timings=timings, **common)
             names = self.destination_names(row["destinations"])
             delivery_ids = deliveries.prepare(session, job_id, names, utcnow()) if done else []
         if not done:

@@ -273,46 +273,30 @@ def preview(request: Request, job_id: JobId, name: str) -> Response:
 
 
 def preview_png(path: Path, max_px: int = PREVIEW_MAX_PX) -> bytes:
-    """A DICOM image (its first frame) as PNG bytes, longest side at most `max_px`: RGB (YBR_* is converted to
-    RGB by pydicom) or grayscale (modality and VOI LUT applied, MONOCHROME1 inverted), scaled to 8 bits.
+    """A DICOM image (its first frame) as PNG bytes, longest side at most `max_px`, drawn by the image loader's
+    display conversion (node.imaging.display_pixels): RGB (YBR_* converted) or grayscale (modality and VOI LUT
+    applied, MONOCHROME1 inverted), scaled to 8 bits.
     Raises FileNotFoundError, pydicom's InvalidDicomError, or ValueError for pixel data it cannot show."""
     import numpy as np
     import pydicom
     from PIL import Image
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    from node.imaging import display_pixels
 
     ds = pydicom.dcmread(path)
     if "PixelData" not in ds:
         raise ValueError(f"{path.name} has no pixel data")
-    pixels = ds.pixel_array
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     samples = int(ds.get("SamplesPerPixel", 1))
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        pixels = pixels[0]
-    if samples == 3:
-        rgb = pixels if pixels.dtype == np.uint8 else _to_uint8(pixels.astype(np.float64))
-        picture = Image.fromarray(np.ascontiguousarray(rgb), mode="RGB")
-    elif samples == 1 and photometric in ("MONOCHROME1", "MONOCHROME2"):
-        grey = _to_uint8(apply_voi_lut(apply_modality_lut(pixels, ds), ds).astype(np.float64))
-        if photometric == "MONOCHROME1":
-            grey = 255 - grey
-        picture = Image.fromarray(grey, mode="L")
-    else:
+    if not (samples == 3 or (samples == 1 and photometric in ("MONOCHROME1", "MONOCHROME2"))):
         raise ValueError(f"{path.name}: no preview for {photometric} with {samples} samples per pixel")
+    pixels = display_pixels(ds, colour=True)  # float32 in [0, 1]: (y, x) grey or (y, x, 3) RGB
+    picture = Image.fromarray(np.round(pixels.astype(np.float64) * 255.0).astype(np.uint8),
+                              mode="RGB" if pixels.ndim == 3 else "L")
     picture.thumbnail((max_px, max_px))
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def _to_uint8(values: Any) -> Any:
-    """Float pixels stretched from their minimum to their maximum onto 0..255 (uint8)."""
-    import numpy as np
-
-    low, high = float(values.min()), float(values.max())
-    if high <= low:
-        return np.zeros(values.shape, np.uint8)
-    return np.round((values - low) * (255.0 / (high - low))).astype(np.uint8)
 
 
 # --- forms ----------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from db.models import Job, JobState, Series, utcnow
+from db.models import JobState, utcnow
 from node.api.auth import Writer
 from node.api.models import InferAccepted
 from node.api.v1 import FINISHED, add_job_to_zip, job_or_404
@@ -61,16 +61,15 @@ def _ingest_zip(request: Request, path: Path) -> tuple[dict[str, str | None], in
 def _create_jobs(request: Request, manifest: Any, series: dict[str, str | None]) -> list[int]:
     """One job per applicable series (results local: no destinations). An existing job of this plugin on
     the series is reused: finished ones with results are answered as they are, failed or skipped ones rerun."""
-    from sqlalchemy import select
-
-    from db.jobs import NewJob, claim_series, create_jobs, mark_enqueued, requeue
+    from db.jobs import NewJob, claim_series, create_jobs, mark_enqueued, requeue, series_job
+    from db.records import series_id_of
 
     ids: list[int] = []
     send: list[tuple[int, str, str]] = []
     now = utcnow()
     with request.app.state.sessionmaker.begin() as session:
         for uid in series:
-            series_id = session.execute(select(Series.id).where(Series.series_uid == uid)).scalar_one()
+            series_id = series_id_of(session, uid)
             claim_series(session, series_id, f"submitted to POST /v1/infer for {manifest.name}", now)
             new = create_jobs(session, series_id, [NewJob(manifest.name, manifest.version, RULE, manifest.queue,
                                                           "stat", destinations=[])], now)
@@ -78,8 +77,7 @@ def _create_jobs(request: Request, manifest: Any, series: dict[str, str | None])
                 job_id = new[0]
                 send.append((job_id, manifest.queue, "stat"))
             else:
-                job = session.execute(select(Job).where(Job.series_id == series_id,
-                                                        Job.plugin == manifest.name)).scalar_one()
+                job = series_job(session, series_id, manifest.name)
                 job_id = job.id
                 if job.state in (JobState.FAILED, JobState.SKIPPED) or (
                         job.state in FINISHED and job.outputs_removed_at is not None):

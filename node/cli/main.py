@@ -460,9 +460,10 @@ def demo(
             out.print(f"  {escape(p)}")
         for w in job["warnings"]:
             out.print(f"  [yellow]warning:[/yellow] {escape(w)}")
-        if job["plugin"] == "lung-quant" and job["findings"]:
+        rows = comparison(job, result.phantom, result.manifests.get(job["plugin"])) if job["findings"] else []
+        if rows:
             table = Table("", "measured", "phantom truth", "difference", box=None)
-            for what, unit, measured, truth in comparison(job, result.phantom):
+            for what, unit, measured, truth in rows:
                 shown = "-" if measured is None else f"{measured:.1f} {unit}"
                 diff = "-" if measured is None else f"{measured - truth:+.1f} {unit}"
                 table.add_row(what, shown, f"{truth:.1f} {unit}", diff)
@@ -680,23 +681,27 @@ def embed(
     patches: Annotated[bool, typer.Option("--patches", help="also keep every patch token (large)")] = False,
 ) -> None:
     """Embeddings of many X-ray studies with the foundation model's backbone (no heads needed), batched,
-    for `radnode train-head`. Studies that cannot be read are listed and left out."""
+    for `radnode train-head`. Studies that cannot be read are listed and left out. The plugin must offer
+    the embed capability (plugins.base.Plugin.embed_studies)."""
     import numpy as np
 
     from node.dicom.files import group_series, iter_dicom_files
+    from node.files import atomic_write
     from node.imaging import load_image
     from node.pipeline.evaluate import EvaluateError, cases_in
     from node.pipeline.inference import resolve_device
     from plugins.base import WeightsUnavailable
-    from plugins.cxr_foundation.embed import embed_paths, save_embeddings
     from plugins.registry import build, weights_path
 
     s = settings()
     manifest = _manifest(plugin)
     try:
         loaded = build(manifest)
-        loaded.load(resolve_device(s.device, manifest), weights_path(manifest, s.models_path), heads=False)
+        loaded.load_embedder(resolve_device(s.device, manifest), weights_path(manifest, s.models_path))
         cases = cases_in(path)
+    except NotImplementedError as exc:  # the plugin cannot embed
+        console.print(f"[red]{escape(str(exc))}[/red]")
+        raise typer.Exit(2) from None
     except (WeightsUnavailable, EvaluateError) as exc:
         console.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(2 if isinstance(exc, WeightsUnavailable) else 1) from None
@@ -710,10 +715,11 @@ def embed(
     with Progress(TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console) as progress:
         task = progress.add_task("embed", total=len(items))
-        result = embed_paths(loaded, items, load_image, batch_size=batch_size, patches=patches,
-                             progress=lambda done, total: progress.update(task, completed=done))
+        result = loaded.embed_studies(items, load_image, batch_size=batch_size, patches=patches,
+                                      progress=lambda done, total: progress.update(task, completed=done))
     result.failed.update(skipped)
-    save_embeddings(out, result)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, result.write)
     for case, why in sorted(result.failed.items()):
         console.print(f"[yellow]{escape(case)}: left out: {escape(why)}[/yellow]")
     shapes = ", ".join(f"{k} {tuple(np.shape(v))}" for k, v in sorted(result.arrays.items()))
@@ -732,17 +738,27 @@ def train_head(
     epochs: Annotated[int, typer.Option(min=1)] = 100,
     hidden: Annotated[int, typer.Option(min=0, help="MLP hidden units (0: linear heads)")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    plugin: Annotated[str, typer.Option(help="the plugin whose heads to train")] = "cxr-foundation",
 ) -> None:
     """Train the foundation model's finding heads on embeddings and labels: class weighting, a stratified
-    validation split, AUROC with a bootstrap 95% CI per finding."""
-    from plugins.cxr_foundation.heads import train_heads_file
+    validation split, AUROC with a bootstrap 95% CI per finding. The plugin must offer the train-head
+    capability (plugins.base.Plugin.train_heads)."""
+    from node.files import atomic_write
+    from plugins.registry import build
 
+    trainer = build(_manifest(plugin))
     try:
-        report = train_heads_file(embeddings, labels, out, seed=seed, val_fraction=val_fraction, epochs=epochs,
-                                  hidden=hidden)
+        trained = trainer.train_heads(embeddings, labels, seed=seed, val_fraction=val_fraction, epochs=epochs,
+                                      hidden=hidden)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, trained.content)
+    except NotImplementedError as exc:  # the plugin has no trainable heads
+        console.print(f"[red]{escape(str(exc))}[/red]")
+        raise typer.Exit(2) from None
     except (ValueError, OSError) as exc:
         console.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(1) from None
+    report = trained.report
     if as_json:
         print(json.dumps(report, indent=2, default=float))
         return

@@ -65,6 +65,23 @@ class LungTruth:
     emphysema_percent: float  # voxels labelled emphysema (before noise), percent of the lung
 
 
+# The truth in coded terms, so that a reader matches it with a plugin's coded measurements and segment types
+# (never with a plugin's own labels). Per quantity: (coding scheme, code value) of the concept (DICOM or
+# SNOMED CT; radnode's private scheme 99RADNODE where DICOM defines none), the name shown, the UCUM unit and
+# the LungTruth field; per region: the SNOMED CT body structure, the name shown and the Phantom field.
+TRUTH_QUANTITIES = (
+    (("SCT", "118565006"), "volume", "mL", "volume_ml"),
+    (("DCM", "112181"), "mean lung density", "HU", "mean_hu"),
+    (("99RADNODE", "LAA950"), "LAA-950", "%", "laa950_percent"),
+    (("99RADNODE", "PERC15"), "Perc15", "HU", "perc15_hu"),
+)
+TRUTH_REGIONS = (
+    (("SCT", "3341006"), "right", "right"),  # Right lung
+    (("SCT", "44029006"), "left", "left"),  # Left lung
+    (("SCT", "39607008"), "total", "total"),  # Lung: both together
+)
+
+
 @dataclass(frozen=True)
 class Phantom:
     """A written phantom series: files, UIDs, geometry and the truth.

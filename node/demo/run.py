@@ -1,5 +1,9 @@
 """`radnode demo`: a synthetic chest CT phantom, sent to the running node, followed through the job table,
-with the measured lung values printed next to the phantom's true values."""
+with the measured values printed next to the phantom's true values.
+
+The demo names no plugin: a job's measurements are matched with the phantom's truth through the job's plugin
+manifest (plugins.registry), by coded concept and segment type (`phantom.TRUTH_QUANTITIES`, `TRUTH_REGIONS`).
+"""
 
 from __future__ import annotations
 
@@ -12,19 +16,13 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.jobs import list_jobs
-from node.demo.phantom import LungTruth, Phantom, write_chest_phantom
+from node.demo.phantom import TRUTH_QUANTITIES, TRUTH_REGIONS, LungTruth, Phantom, write_chest_phantom
 from node.dispatch.scu import send
+from plugins.base import Manifest
+from plugins.registry import discover
 
 DEMO_AE = "RADNODE-DEMO"
 SETTLED = {"delivered", "failed", "skipped"}
-# (measurement concept value, unit shown, LungTruth field)
-ROWS = (
-    ("118565006", "mL", "volume_ml"),
-    ("112181", "HU", "mean_hu"),
-    ("LAA950", "%", "laa950_percent"),
-    ("PERC15", "HU", "perc15_hu"),
-)
-SEGMENTS = (("right lung", "right"), ("left lung", "left"), ("both lungs", "total"))
 
 
 class DemoError(RuntimeError):
@@ -35,6 +33,7 @@ class DemoError(RuntimeError):
 class DemoResult:
     phantom: Phantom
     jobs: list[dict[str, Any]]
+    manifests: dict[str, Manifest]  # the installed plugins: what each job's plugin measures
 
 
 def make_phantom(folder: Path) -> Phantom:
@@ -52,6 +51,7 @@ def run_demo(folder: Path, host: str, port: int, called_ae: str, maker: sessionm
     """Write the phantom, C-STORE it, wait until its jobs settle. Raises DemoError."""
     from node.dispatch.scu import AssociationFailed
 
+    manifests = discover().manifests
     progress("writing a synthetic chest CT phantom")
     phantom = make_phantom(folder)
     progress(f"sending {len(phantom.paths)} slices to {called_ae}@{host}:{port}")
@@ -68,21 +68,44 @@ def run_demo(folder: Path, host: str, port: int, called_ae: str, maker: sessionm
         with maker() as session:
             jobs = list_jobs(session, study_uid=phantom.study_uid)
         if jobs and all(settled(j) for j in jobs):
-            return DemoResult(phantom, jobs)
+            return DemoResult(phantom, jobs, manifests)
         time.sleep(0.5)
-    states = ", ".join(f"{j['plugin']}: {j['state']}" for j in jobs) or "no job yet (is lung-quant routed?)"
+    measuring = " or ".join(name for name, m in manifests.items() if _truth_segments(m) and _truth_findings(m))
+    states = ", ".join(f"{j['plugin']}: {j['state']}" for j in jobs) or (
+        f"no job yet (is {measuring or 'a plugin measuring the lungs'} routed?)")
     raise DemoError(f"timed out after {timeout:g} s waiting for the job: {states}")
 
 
-def comparison(job: dict[str, Any], truth: Phantom) -> list[tuple[str, str, float | None, float]]:
-    """(what, unit, measured, true) for each lung-quant measurement the phantom knows the truth of."""
-    measured = {(m["concept"]["value"], m["segment"]): m["value"] for m in (job["findings"] or {}).get(
-        "measurements", [])}
+def comparison(job: dict[str, Any], truth: Phantom,
+               manifest: Manifest | None) -> list[tuple[str, str, float | None, float]]:
+    """(what, unit, measured, true) for each measurement the job's plugin (`manifest`) declares and the phantom
+    knows the truth of: a declared finding about a declared segment whose type is one of the phantom's regions.
+    Measured is None where the job reported no value."""
+    if manifest is None:
+        return []
+    measured = {(m["concept"]["scheme"], m["concept"]["value"], m["segment"]): m["value"]
+                for m in (job["findings"] or {}).get("measurements", [])}
+    segments, findings = _truth_segments(manifest), _truth_findings(manifest)
     rows = []
-    for segment, side in SEGMENTS:
-        lung: LungTruth = getattr(truth, side)
-        for code, unit, attr in ROWS:
-            label = {"118565006": "volume", "112181": "mean lung density", "LAA950": "LAA-950",
-                     "PERC15": "Perc15"}[code]
-            rows.append((f"{side} {label}", unit, measured.get((code, segment)), float(getattr(lung, attr))))
+    for region, side, attr in TRUTH_REGIONS:
+        if region not in segments:
+            continue
+        lung: LungTruth = getattr(truth, attr)
+        for concept, name, unit, field in TRUTH_QUANTITIES:
+            if concept in findings:
+                rows.append((f"{side} {name}", unit, measured.get((*concept, segments[region])),
+                             float(getattr(lung, field))))
     return rows
+
+
+def _truth_segments(manifest: Manifest) -> dict[tuple[str, str], str]:
+    """The manifest's segment label for each phantom region its segments code."""
+    regions = {region for region, _, _ in TRUTH_REGIONS}
+    return {(s.type.scheme, s.type.value): s.label for s in manifest.segments
+            if (s.type.scheme, s.type.value) in regions}
+
+
+def _truth_findings(manifest: Manifest) -> set[tuple[str, str]]:
+    """The phantom's quantities the manifest declares as findings."""
+    quantities = {concept for concept, _, _, _ in TRUTH_QUANTITIES}
+    return {(c.scheme, c.value) for c in manifest.findings} & quantities

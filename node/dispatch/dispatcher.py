@@ -14,9 +14,9 @@ from typing import Any
 from pydicom import dcmread
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import deliveries
+from db import deliveries, jobs
 from db.heartbeat import Heartbeat
-from db.models import Job, Series, utcnow
+from db.models import utcnow
 from node import metrics
 from node.dispatch.scu import AssociationFailed, send
 from node.results import object_kind
@@ -186,10 +186,7 @@ class Dispatcher:
             if claim is None:
                 log.info("delivery %d not due or held elsewhere; task ignored", delivery_id)
                 return "duplicate"
-            job = session.get(Job, claim.job_id)
-            plugin = job.plugin
-            outputs = list(job.outputs or [])
-            sender_ae = session.get(Series, job.series_id).calling_ae
+            plugin, outputs, sender_ae = deliveries.job_outputs(session, claim.job_id)
         t = time.perf_counter()
         beat = functools.partial(deliveries.heartbeat, delivery_id=delivery_id)
         error: DeliveryError | None = None
@@ -213,7 +210,7 @@ class Dispatcher:
                 job_state = deliveries.succeeded(session, claim, count, utcnow())
                 outcome = "sent" if job_state is not None or deliveries.is_sent(session, delivery_id) else "lost"
                 if outcome == "sent":
-                    self._record_timing(session, claim.job_id, claim.destination, seconds)
+                    jobs.add_timing(session, claim.job_id, f"deliver:{claim.destination}", round(seconds, 3))
             else:
                 outcome, job_state = deliveries.attempt_failed(
                     session, claim, str(error), utcnow(), max_attempts=s.delivery_max_attempts,
@@ -235,10 +232,3 @@ class Dispatcher:
         if job_state:
             log.info("job %d %s", claim.job_id, job_state)
         return outcome
-
-    @staticmethod
-    def _record_timing(session: Session, job_id: int, destination: str, seconds: float) -> None:
-        job = session.get(Job, job_id)
-        timings = dict(job.timings or {})
-        timings[f"deliver:{destination}"] = round(seconds, 3)
-        job.timings = timings

@@ -18,8 +18,7 @@ from typing import Any
 import numpy as np
 
 from node.dicom.files import group_series, iter_dicom_files
-from node.imaging import ImageLoadError
-from node.pipeline.inference import load_series_image, run_plugin
+from node.pipeline.run import run_model
 from plugins import metrics
 from plugins.base import Manifest, Plugin
 
@@ -147,15 +146,14 @@ def evaluate(plugin: Plugin, manifest: Manifest, root: Path, labels: dict[str, i
             row["error"] = f"{len(series)} series (a case must hold exactly one)"
             continue
         (uid, files), = series.items()
-        try:
-            findings = run_plugin(plugin, manifest, load_series_image(files, manifest, info[uid]))
-        except ImageLoadError as exc:
-            row["error"] = f"image load: {exc}"
+        result = run_model(plugin, manifest, files, info[uid])
+        if result.error is not None:
+            raise result.error  # a plugin that crashes (or a loader bug) stops the evaluation
+        if result.state != "inferred":  # an image the loader refused, or not applicable
+            row["error"] = result.reason if result.state == "failed" else f"not applicable: {result.reason}"
             continue
-        if findings.not_applicable:
-            row["error"] = f"not applicable: {findings.not_applicable}"
-            continue
-        match = [c for c in findings.classifications if wanted is None or c.concept.value == wanted]
+        assert result.findings is not None
+        match = [c for c in result.findings.classifications if wanted is None or c.concept.value == wanted]
         if not match:
             row["error"] = f"no classification {wanted}"
             continue

@@ -14,14 +14,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.jobs import NewJob, create_jobs, mark_enqueued, mark_routed, requeue_series_jobs, series_paths, series_to_route
-from db.models import Job, Series, Study, utcnow
+from db.jobs import (
+    NewJob,
+    create_jobs,
+    mark_enqueued,
+    mark_routed,
+    queue_items,
+    requeue_series_jobs,
+    series_and_paths,
+    series_to_route,
+)
+from db.models import Series, Study, utcnow
 from node.dicom.bodypart import normalise_body_part
-from node.imaging import ImageLoadError, LungCheck, check_lungs_in_files
+from node.imaging import ImageLoadError
 from node.logs import uid_hash
+from node.route.lungs import LungCheck, check_lungs_in_files
 from node.route.rules import ContainsCondition, NumCondition, RuleSet, StrCondition
 from plugins.base import Manifest
 
@@ -219,9 +228,7 @@ class Router:
         mark the series routed in one transaction, then send the tasks. Returns the job ids sent
         (the sweeper sends any the broker refused). Raises SQLAlchemyError."""
         with self.maker() as session:
-            series = session.get(Series, series_id)
-            study = session.get(Study, series.study_id)
-            rel_paths = series_paths(session, series_id)
+            series, study, rel_paths = series_and_paths(session, series_id)
         attrs = series_attrs(series, study)
         decision = match(attrs, self.rules, self.manifests)
         matches, notes = self._pixel_checks(list(decision.matches), attrs, rel_paths)
@@ -242,9 +249,9 @@ class Router:
             ids = create_jobs(session, series_id, new, now)
             if series.reopened_count:
                 ids += requeue_series_jobs(session, series_id, [m.plugin for m in matches], now)
-            items = session.execute(select(Job.id, Job.queue, Job.priority).where(Job.id.in_(ids))).all()
+            items = queue_items(session, ids)
         log.info("series %s routed: %s", uid_hash(series.series_uid), ", ".join(m.plugin for m in matches) or "no job")
-        sent = self.enqueuer.send([(i, q, p) for i, q, p in items])
+        sent = self.enqueuer.send(items)
         if sent:
             with self.maker.begin() as session:
                 mark_enqueued(session, sent, utcnow())

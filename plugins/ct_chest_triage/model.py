@@ -36,26 +36,25 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator
 from scipy.special import expit
 from torch import nn
 from torch.nn import functional as F
 
 from plugins import torch_common
 from plugins.base import (
-    ONNX_FILE,
     Classification,
     Findings,
     Heatmap,
     Image,
     Manifest,
     Measurement,
-    Plugin,
+    NotApplicable,
     WeightsUnavailable,
 )
 from plugins.ct_chest_triage import FINDING_KEYS, FINDINGS, MISSING_SLICES, PATHOLOGY, PATHOLOGY_KEY
 from plugins.lungs import LUNG_MIN_ML, internal_air
-from plugins.torch_common import OnnxModel, autocast, load_weights, merged_config, torch_device, validated_config
+from plugins.torch_common import HuWindow, OnnxModel, TorchConfig, TorchPlugin, autocast, validated_config
 
 # Body-part check, as the router's (node.imaging.check_lungs): plugins do not import node.
 MAX_AXIAL_TILT_COS = 0.7  # |slice normal . z| below this: not an axial series
@@ -71,21 +70,14 @@ Positive = Annotated[int, Field(ge=1)]
 Side = Annotated[int, Field(ge=8)]
 
 
-class NotApplicable(Exception):
-    """The series does not suit the model: the message says why."""
-
-
-class TriageConfig(BaseModel):
+class TriageConfig(TorchConfig):
     """The plugin's configuration (manifest `config`, overridden by config.json), validated."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     encoder: Literal["resnet10", "resnet18", "resnet34"]
     widths: tuple[Positive, Positive, Positive, Positive]
     input_size: tuple[Side, Side, Side]
-    hu_window: tuple[float, float]
+    hu_window: HuWindow
     thresholds: dict[str, Annotated[float, Field(ge=0.0, le=1.0)]]
-    backend: Literal["torch", "onnx"]
 
     @field_validator("thresholds")
     @classmethod
@@ -98,12 +90,6 @@ class TriageConfig(BaseModel):
         if missing:
             raise ValueError(f"no threshold for {', '.join(missing)}")
         return v
-
-    @model_validator(mode="after")
-    def _window(self) -> TriageConfig:
-        if not self.hu_window[0] < self.hu_window[1]:
-            raise ValueError(f"hu_window must be [low, high] with low < high, got {list(self.hu_window)}")
-        return self
 
 
 def parse_config(config: dict[str, Any]) -> TriageConfig:
@@ -309,33 +295,29 @@ def heatmap_on_image(cam: np.ndarray, prepared: Prepared) -> np.ndarray:
 # --- the plugin ------------------------------------------------------------------------------------
 
 
-class ChestTriage(Plugin):
-    """Normal vs pathology and 20 findings on a chest CT, with a Grad-CAM heatmap of the pathology logit."""
+class ChestTriage(TorchPlugin[TriageConfig]):
+    """Normal vs pathology and 20 findings on a chest CT, with a Grad-CAM heatmap of the pathology logit.
+    `load` (TorchPlugin): the TriageNet from the weights (backend "torch") or model.onnx (backend "onnx")."""
 
-    def __init__(self, manifest: Manifest) -> None:
-        super().__init__(manifest)
-        self.config: TriageConfig | None = None
-        self.device: torch.device = torch.device("cpu")
-        self.net: TriageNet | None = None
-        self.onnx: OnnxModel | None = None
+    config_model = TriageConfig
+    net: TriageNet | None = None
 
-    def load(self, device: str, weights: Path | None) -> None:
-        """Build the configured network and load `weights` strictly (backend "torch"), or open model.onnx beside
-        the weights (backend "onnx"). Raises WeightsUnavailable for a missing or mismatched file or a bad
-        config.json."""
-        config = parse_config(merged_config(self.manifest, weights))
-        self.device = torch_device(device)
-        self.net, self.onnx = None, None
-        if config.backend == "onnx":
-            if weights is None:
-                raise WeightsUnavailable("backend onnx needs the plugin's models folder (no weights path given)")
-            self.onnx = _open_onnx(weights.parent / ONNX_FILE, config, self.device)
-        else:
-            self.net = load_weights(build_network(config), weights).to(self.device)
-        self.config = config
+    def new_network(self) -> TriageNet:
+        return build_network(self.config)
+
+    def check_onnx(self, onnx: OnnxModel, path: Path) -> None:
+        """Raises WeightsUnavailable when model.onnx was exported for another input size or other outputs."""
+        inputs, outputs = onnx.session.get_inputs(), onnx.session.get_outputs()
+        shape = list(inputs[0].shape[2:]) if len(inputs) == 1 else []
+        if shape != list(self.config.input_size) or len(outputs) != len(OUTPUT_NAMES):
+            found = inputs[0].shape if inputs else None
+            size = ", ".join(map(str, self.config.input_size))
+            raise WeightsUnavailable(f"{path.name} does not fit the configuration: input {found}, {len(outputs)} "
+                                     f"outputs; expected (batch, 1, {size}) and {len(OUTPUT_NAMES)} outputs (re-run "
+                                     "export-onnx)")
 
     def run(self, image: Image) -> Findings:
-        if self.config is None:
+        if not self.loaded:
             raise RuntimeError("ct-chest-triage: run() before load()")
         try:
             prepared = self._applicable(image)
@@ -368,7 +350,6 @@ class ChestTriage(Plugin):
 
     def _applicable(self, image: Image) -> Prepared:
         """The model input, or NotApplicable saying why the series does not suit the model."""
-        assert self.config is not None
         if image.kind != "volume":
             raise NotApplicable(f"not a volume ({image.kind}): chest CT triage needs an axial CT volume")
         if image.modality != "CT":
@@ -398,7 +379,7 @@ class ChestTriage(Plugin):
         """Export the loaded torch model (float32, CPU copy) to ONNX at `path`, run both on one random input
         of the configured size and return {"max_abs_diff", "outputs" (per output), "path"}. Raises
         RuntimeError when the plugin is not loaded with backend "torch", or from the exporter."""
-        if self.net is None or self.config is None:
+        if self.net is None:
             raise RuntimeError("ct-chest-triage: load the plugin with backend \"torch\" before exporting to ONNX")
         net = copy.deepcopy(self.net).float().cpu().eval()
         sample = torch.rand((1, 1, *self.config.input_size), generator=torch.Generator().manual_seed(0))
@@ -413,20 +394,6 @@ class ChestTriage(Plugin):
 
 def _probability(logit: np.ndarray | float) -> float:
     return float(np.clip(expit(np.float64(logit)), 0.0, 1.0))
-
-
-def _open_onnx(path: Path, config: TriageConfig, device: torch.device) -> OnnxModel:
-    """ONNX Runtime session of model.onnx, checked against the configured input size and outputs. Raises
-    WeightsUnavailable when the file is missing or was exported for another configuration."""
-    model = OnnxModel(path, device)
-    inputs, outputs = model.session.get_inputs(), model.session.get_outputs()
-    shape = list(inputs[0].shape[2:]) if len(inputs) == 1 else []
-    if shape != list(config.input_size) or len(outputs) != len(OUTPUT_NAMES):
-        found = inputs[0].shape if inputs else None
-        size = ", ".join(map(str, config.input_size))
-        raise WeightsUnavailable(f"{path.name} does not fit the configuration: input {found}, {len(outputs)} outputs; "
-                                 f"expected (batch, 1, {size}) and {len(OUTPUT_NAMES)} outputs (re-run export-onnx)")
-    return model
 
 
 def build(manifest: Manifest) -> ChestTriage:

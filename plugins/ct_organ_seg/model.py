@@ -24,26 +24,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from plugins.base import (
-    ONNX_FILE,
-    Findings,
-    Image,
-    Manifest,
-    Measurement,
-    Plugin,
-    Segmentation,
-    WeightsUnavailable,
-)
+from plugins.base import Findings, Image, Manifest, Measurement, Segmentation, WeightsUnavailable
 from plugins.ct_organ_seg import VOLUME
 from plugins.torch_common import (
+    HuWindow,
     OnnxModel,
+    TorchConfig,
+    TorchPlugin,
     autocast,
     export_onnx,
-    load_weights,
     merged_config,
-    torch_device,
     validated_config,
 )
 
@@ -56,21 +48,18 @@ NETWORK_DIVISOR = 32  # SwinUNETR downsamples 5 times
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 
 
-class OrganSegConfig(BaseModel):
+class OrganSegConfig(TorchConfig):
     """The architecture and preprocessing in force (the manifest's `config` with config.json applied)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     feature_size: int = Field(gt=0, multiple_of=12)
     labels: list[str] = Field(min_length=1, description="organ of output channel 1..N (0 is background)")
     orientation: str = Field(description='axis codes of the network input, e.g. "RAS"')
     spacing: tuple[float, float, float] = Field(description="mm, (z, y, x): head-foot, front-back, right-left")
-    hu_window: tuple[float, float]
+    hu_window: HuWindow
     roi_size: tuple[int, int, int] = Field(description="window size in network axes (orientation order)")
     overlap: float = Field(ge=0.0, lt=1.0)
     mode: Literal["gaussian", "constant"]
     sw_batch_size: int = Field(ge=1)
-    backend: Literal["torch", "onnx"]
 
     @field_validator("labels")
     @classmethod
@@ -92,13 +81,6 @@ class OrganSegConfig(BaseModel):
     def _spacing(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
         if not all(math.isfinite(s) and s > 0 for s in v):
             raise ValueError(f"spacing must be three positive numbers of mm, got {list(v)}")
-        return v
-
-    @field_validator("hu_window")
-    @classmethod
-    def _window(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not v[0] < v[1]:
-            raise ValueError(f"hu_window must be [low, high] with low < high, got {list(v)}")
         return v
 
     @model_validator(mode="after")
@@ -214,35 +196,27 @@ def window(hu: np.ndarray, low: float, high: float) -> np.ndarray:
 # --- the plugin -----------------------------------------------------------------------------------------
 
 
-class OrganSegmenter(Plugin):
-    """13 abdominal organs on CT by a SwinUNETR; a SEG segment and a volume (mL) per organ found."""
+class OrganSegmenter(TorchPlugin[OrganSegConfig]):
+    """13 abdominal organs on CT by a SwinUNETR; a SEG segment and a volume (mL) per organ found. `load`
+    (TorchPlugin): the SwinUNETR from the weights (backend "torch") or model.onnx (backend "onnx"); it also
+    raises WeightsUnavailable for a label the manifest does not declare."""
 
-    config: OrganSegConfig
-    device: Any
-    net: Any = None  # the torch network (backend "torch")
-    onnx: OnnxModel | None = None  # the ONNX Runtime session (backend "onnx")
+    config_model = OrganSegConfig
 
     def load(self, device: str, weights: Path | None) -> None:
-        """Build the configured network and load `weights` strictly (backend "torch"), or open
-        `model.onnx` beside them (backend "onnx"). Raises WeightsUnavailable: missing or unfitting weights
-        or ONNX model, an invalid config.json, a label the manifest does not declare."""
-        self.config = parse_config(self.manifest, merged_config(self.manifest, weights))
-        self.device = torch_device(device)
-        if self.config.backend == "onnx":
-            if weights is None:
-                raise WeightsUnavailable("backend onnx: no models folder to find model.onnx in")
-            self.onnx = OnnxModel(weights.parent / ONNX_FILE, self.device)
-            self._check_onnx(weights.parent / ONNX_FILE)
-            self.net = None
-        else:
-            self.net = load_weights(network_for(self.config), weights).to(self.device)
-            self.onnx = None
+        super().load(device, weights)
         log.debug("ct-organ-seg loaded: backend %s on %s, feature_size %d, %d labels", self.config.backend,
                   self.device, self.config.feature_size, len(self.config.labels))
 
-    def _check_onnx(self, path: Path) -> None:
-        assert self.onnx is not None
-        inputs, outputs = self.onnx.session.get_inputs(), self.onnx.session.get_outputs()
+    def read_config(self, weights: Path | None) -> OrganSegConfig:
+        return parse_config(self.manifest, merged_config(self.manifest, weights))
+
+    def new_network(self) -> Any:
+        return network_for(self.config)
+
+    def check_onnx(self, onnx: OnnxModel, path: Path) -> None:
+        """Raises WeightsUnavailable when model.onnx takes other windows or gives other channels."""
+        inputs, outputs = onnx.session.get_inputs(), onnx.session.get_outputs()
         spatial = [int(d) if isinstance(d, int) else None for d in inputs[0].shape[2:]]
         channels = outputs[0].shape[1]
         if len(inputs) != 1 or spatial != list(self.config.roi_size) or channels != 1 + len(self.config.labels):

@@ -1,5 +1,6 @@
 """cxr-foundation embeddings of many studies: images loaded one by one, embedded in batches on the plugin's
-device, saved to and loaded from one .npz file with their ids (`radnode embed`).
+device, written to and loaded from one .npz file with their ids (`radnode embed`, which writes the file
+through the node's atomic writer: `EmbeddingSet.write` fills a binary file).
 
 The file holds, for n embedded studies: `ids` (n,) and, per layer (final; penultimate with the prefix
 `penultimate_`), `cls` (n, D), `registers` (n, R, D) and `patch_mean` (n, D) (the mean of the N patch
@@ -10,21 +11,18 @@ Studies that could not be embedded are listed in `failed_ids` / `failed_reasons`
 
 from __future__ import annotations
 
+import io
 import json
 import logging
-import os
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 
-from plugins.base import Image
-
-if TYPE_CHECKING:
-    from plugins.cxr_foundation.model import CxrFoundation
+from plugins.base import Image, NotApplicable
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +40,32 @@ class EmbeddingSet:
     meta: dict[str, Any]
     failed: dict[str, str] = field(default_factory=dict)
 
+    def write(self, file: BinaryIO) -> None:
+        """Write the set as an .npz archive (no pickles) to a binary file. Raises ValueError for arrays whose
+        rows do not match the ids or that take a reserved name, OSError."""
+        for key, array in self.arrays.items():
+            if len(array) != len(self.ids):
+                raise ValueError(f"{key} has {len(array)} rows for {len(self.ids)} ids")
+        reserved = {"ids", "meta", "failed_ids", "failed_reasons"} & set(self.arrays)
+        if reserved:
+            raise ValueError(f"array names {sorted(reserved)} are reserved")
+        meta = dict(self.meta, format=EMBEDDINGS_FORMAT)
+        np.savez(file, ids=np.array(self.ids, dtype=str), meta=np.array(json.dumps(meta)),
+                 failed_ids=np.array(list(self.failed), dtype=str),
+                 failed_reasons=np.array(list(self.failed.values()), dtype=str), **self.arrays)
 
-def embed_paths(plugin: CxrFoundation, items: Sequence[tuple[str, Sequence[Path]]],
+
+class Embedder(Protocol):
+    """What `embed_paths` uses of the plugin (model.CxrFoundation, loaded with or without heads)."""
+
+    def prepare(self, image: Image) -> tuple[np.ndarray, Any]: ...
+
+    def embed_batch(self, batch: np.ndarray) -> dict[str, np.ndarray]: ...
+
+    def embedding_meta(self) -> dict[str, Any]: ...
+
+
+def embed_paths(plugin: Embedder, items: Sequence[tuple[str, Sequence[Path]]],
                 load: Callable[[Sequence[Path]], Image], batch_size: int = 8,
                 progress: Callable[[int, int], None] | None = None, patches: bool = False) -> EmbeddingSet:
     """Embed each item (an id and the DICOM files of its one X-ray image) with a loaded plugin (heads not
@@ -58,8 +80,6 @@ def embed_paths(plugin: CxrFoundation, items: Sequence[tuple[str, Sequence[Path]
         raise ValueError("item ids must be unique")
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
-    from plugins.cxr_foundation.model import NotApplicable
-
     done: list[str] = []
     rows: dict[str, list[np.ndarray]] = {}
     failed: dict[str, str] = {}
@@ -97,37 +117,12 @@ def embed_paths(plugin: CxrFoundation, items: Sequence[tuple[str, Sequence[Path]
 
 
 def save_embeddings(path: Path, embedded: EmbeddingSet) -> Path:
-    """Write the set to one .npz file (atomically; no pickles). Raises ValueError for arrays whose rows do
-    not match the ids, OSError."""
-    for key, array in embedded.arrays.items():
-        if len(array) != len(embedded.ids):
-            raise ValueError(f"{key} has {len(array)} rows for {len(embedded.ids)} ids")
-    reserved = {"ids", "meta", "failed_ids", "failed_reasons"} & set(embedded.arrays)
-    if reserved:
-        raise ValueError(f"array names {sorted(reserved)} are reserved")
-    meta = dict(embedded.meta, format=EMBEDDINGS_FORMAT)
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, ids=np.array(embedded.ids, dtype=str), meta=np.array(json.dumps(meta)),
-                     failed_ids=np.array(list(embedded.failed), dtype=str),
-                     failed_reasons=np.array(list(embedded.failed.values()), dtype=str), **embedded.arrays)
-
-    return write_atomically(path, write)
-
-
-def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
-    """Have `write` fill a temporary file beside `path`, sync it, then rename it over `path` (a reader never
-    sees half a file). Raises OSError."""
+    """Write the set to the .npz file `path` (a plain write, for tests and scripts: `radnode embed` writes
+    `EmbeddingSet.write` through the node's atomic writer). Raises ValueError (see `write`), OSError."""
+    buffer = io.BytesIO()
+    embedded.write(buffer)  # before touching `path`: a refused set leaves no file behind
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    path.write_bytes(buffer.getvalue())
     return path
 
 

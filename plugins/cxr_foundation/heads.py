@@ -38,7 +38,7 @@ from torch import nn
 
 from plugins.base import WeightsUnavailable
 from plugins.cxr_foundation import FINDINGS
-from plugins.cxr_foundation.embed import load_embeddings, write_atomically
+from plugins.cxr_foundation.embed import load_embeddings
 from plugins.metrics import auroc, bootstrap_auroc  # noqa: F401  (part of this module's API)
 from plugins.torch_common import load_weights
 
@@ -153,7 +153,17 @@ def load_heads(path: Path, dim: int | None = None) -> HeadsFile:
 
 def save_heads(path: Path, state: Mapping[str, torch.Tensor], findings: Sequence[str],
                meta: Mapping[str, Any] | None = None) -> Path:
-    """Write a heads file (atomically) from a Heads state dict (as `train_heads` returns) and its findings.
+    """Write `heads_file_bytes(state, findings, meta)` to `path` (a plain write, for tests and scripts:
+    `radnode train-head` writes the bytes through the node's atomic writer). Raises ValueError, OSError."""
+    data = heads_file_bytes(state, findings, meta)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def heads_file_bytes(state: Mapping[str, torch.Tensor], findings: Sequence[str],
+                     meta: Mapping[str, Any] | None = None) -> bytes:
+    """A heads file's content (safetensors) from a Heads state dict (as `train_heads` returns) and its findings.
 
     `meta` values are stored as text (JSON for anything but a string). Raises ValueError when the state
     is not a complete Heads state for these findings or a finding is not in FINDINGS."""
@@ -173,8 +183,7 @@ def save_heads(path: Path, state: Mapping[str, torch.Tensor], findings: Sequence
     from safetensors.torch import save
 
     tensors = {k: v.detach().cpu().float().contiguous() for k, v in module.state_dict().items()}
-    data = save(tensors, metadata=metadata)  # bytes written by open(): the umask applies (save_file makes 0600)
-    return write_atomically(path, lambda tmp: tmp.write_bytes(data))
+    return save(tensors, metadata=metadata)  # bytes, written by the caller (save_file would make the file 0600)
 
 
 def _check_findings(findings: Sequence[str]) -> None:
@@ -437,7 +446,19 @@ def read_labels(path: Path) -> tuple[list[str], dict[str, dict[str, int]]]:
 
 def train_heads_file(embeddings: Path, labels: Path, out: Path, findings: Sequence[str] | None = None,
                      seed: int = 0, val_fraction: float = 0.2, epochs: int = 100, hidden: int = 0) -> dict[str, Any]:
-    """`radnode train-head`: embeddings file + labels.csv -> heads file at `out`; returns the report.
+    """`train_heads_from_files`, the heads file written to `out` (a plain write, for tests and scripts);
+    returns the report. Raises LabelsError / ValueError, OSError."""
+    report, content = train_heads_from_files(embeddings, labels, findings, seed=seed, val_fraction=val_fraction,
+                                             epochs=epochs, hidden=hidden)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(content)
+    return report
+
+
+def train_heads_from_files(embeddings: Path, labels: Path, findings: Sequence[str] | None = None, seed: int = 0,
+                           val_fraction: float = 0.2, epochs: int = 100,
+                           hidden: int = 0) -> tuple[dict[str, Any], bytes]:
+    """`radnode train-head`: embeddings file + labels.csv -> (report, heads file content).
 
     `findings` defaults to the label columns. The heads file records the SHA-256 of the backbone that made
     the embeddings, so the plugin refuses it beside another backbone. Raises LabelsError / ValueError
@@ -451,8 +472,9 @@ def train_heads_file(embeddings: Path, labels: Path, out: Path, findings: Sequen
     state, report = train_heads(embedded.arrays, embedded.ids, table, wanted, seed=seed, val_fraction=val_fraction,
                                 epochs=epochs, hidden=hidden)
     report["backbone_sha256"] = embedded.meta.get("backbone_sha256")
-    save_heads(out, state, wanted, {"backbone_sha256": embedded.meta.get("backbone_sha256"), "report": report})
-    return report
+    content = heads_file_bytes(state, wanted, {"backbone_sha256": embedded.meta.get("backbone_sha256"),
+                                               "report": report})
+    return report, content
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:

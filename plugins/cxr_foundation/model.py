@@ -14,49 +14,58 @@ Findings (`CxrFoundation.run`): per configured finding, the pooled head's probab
 the patch grid, resized back through the padding and the resize onto the original image, then the logistic
 function (values in [0, 1]). See `heads.py` for what the heads compute and how they are trained.
 
-Backends: "torch" (the safetensors backbone) or "onnx" (`<models dir>/cxr-foundation/model.onnx` written by
-`export_onnx`: backbone and heads in one graph, refused when the heads file changed since the export).
+Backends (`TorchPlugin.load`): "torch" (the safetensors backbone) or "onnx" (`<models dir>/cxr-foundation/model.onnx`
+written by `export_onnx`: backbone and heads in one graph, refused when the heads file changed since the export).
+
+Capabilities of the plugin contract: `load_embedder` + `embed_studies` (`radnode embed`, see `embed.py`) and
+`train_heads` (`radnode train-head`, see `heads.py`); both hand the file to write back to the CLI.
 """
 
 from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from plugins.base import ONNX_FILE, Classification, Findings, Heatmap, Image, Manifest, Plugin, WeightsUnavailable
+from plugins.base import (
+    ONNX_FILE,
+    Classification,
+    Findings,
+    Heatmap,
+    Image,
+    Manifest,
+    NotApplicable,
+    TrainedHeads,
+    WeightsUnavailable,
+)
 from plugins.cxr_foundation import FINDINGS
-from plugins.cxr_foundation.heads import HeadsFile, load_heads, sigmoid
+from plugins.cxr_foundation.embed import EmbeddingSet, embed_paths
+from plugins.cxr_foundation.heads import HeadsFile, load_heads, sigmoid, train_heads_from_files
 from plugins.registry import sha256_file
 from plugins.torch_common import (
     OnnxModel,
+    TorchConfig,
+    TorchPlugin,
     autocast,
     export_onnx,
-    load_weights,
     merged_config,
-    torch_device,
     validated_config,
 )
-from plugins.xray import Letterbox, grid_to_image, letterbox, normalise
+from plugins.xray import Letterbox, Std, grid_to_image, letterbox, normalise
 
 OUTPUTS = ("tokens", "penultimate_tokens", "logits", "patch_logits")  # the network's (and the ONNX graph's)
 ONNX_META_KEYS = ("model_name", "img_size", "findings", "heads_sha256")  # checked when backend "onnx" loads
 
 
-class NotApplicable(Exception):
-    """The image does not suit the model: the message says why."""
-
-
-class FoundationConfig(BaseModel):
+class FoundationConfig(TorchConfig):
     """The plugin's configuration (the manifest's `config` with config.json applied), validated."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     model_name: str = Field(min_length=1)
     img_size: int = Field(gt=0)
@@ -64,18 +73,10 @@ class FoundationConfig(BaseModel):
     num_registers: int = Field(ge=0)
     model_kwargs: dict[str, Any]
     mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    std: Std
     heads_file: str = Field(min_length=1)
     findings: list[str] = Field(min_length=1)
     thresholds: dict[str, float]
-    backend: Literal["torch", "onnx"]
-
-    @field_validator("std")
-    @classmethod
-    def _std(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
-        if min(v) <= 0:
-            raise ValueError("std must be positive")
-        return v
 
     @field_validator("heads_file")
     @classmethod
@@ -174,14 +175,13 @@ def split_tokens(tokens: np.ndarray, registers: int, prefix: str = "") -> dict[s
 # --- the plugin ----------------------------------------------------------------------------------------
 
 
-class CxrFoundation(Plugin):
+class CxrFoundation(TorchPlugin[FoundationConfig]):
     """DINOv2 ViT-L/14 (+4 registers) embeddings of a chest X-ray and trained heads per finding."""
 
-    config: FoundationConfig
-    device: Any
+    config_model = FoundationConfig
+    weights_name = "backbone weights"
     heads: HeadsFile | None = None
-    network: Network | None = None
-    onnx: OnnxModel | None = None
+    network: Network | None = None  # backbone (`net`, backend "torch") + heads
     weights: Path | None = None
     _sha: str | None = None
 
@@ -191,29 +191,46 @@ class CxrFoundation(Plugin):
 
         Raises WeightsUnavailable when a file is missing or does not fit the configuration, when the heads
         were trained on embeddings of another backbone, or when model.onnx was exported from other heads."""
-        self.config = config = read_config(self.manifest, weights)
-        if weights is None:
-            raise WeightsUnavailable("no weights path given: the plugin's models folder is unknown")
-        folder = weights.parent
-        self.weights, self.device = weights, torch_device(device)
-        self.network = self.onnx = self.heads = None
-        self._sha = None
-        vit, exported = None, {}
-        if config.backend == "onnx":
-            self.onnx = OnnxModel(folder / ONNX_FILE, self.device)
-            exported = self.onnx.session.get_modelmeta().custom_metadata_map
-            self._sha = exported.get("backbone_sha256")
-            self._check_onnx(folder / ONNX_FILE, exported, ("model_name", "img_size"))
-        elif not weights.is_file():
-            raise WeightsUnavailable(f"backbone weights {weights} not found")
-        else:
-            vit = load_weights(build_backbone(config), weights)
+        self.weights, self._sha, self.heads, self.network = weights, None, None, None
+        super().load(device, weights)
+        assert weights is not None  # TorchPlugin.load refuses None
         if heads:
-            self.heads = self._load_heads(folder, None if vit is None else int(vit.embed_dim))
+            self.heads = self._load_heads(weights.parent, None if self.net is None else int(self.net.embed_dim))
             if self.onnx is not None:
-                self._check_onnx(folder / ONNX_FILE, exported, ONNX_META_KEYS)
-        if vit is not None:
-            self.network = Network(vit, self.heads.heads if self.heads else None).eval().to(self.device)
+                self._check_onnx(weights.parent / ONNX_FILE, self.onnx, ONNX_META_KEYS)
+        if self.net is not None:
+            self.network = Network(self.net, self.heads.heads if self.heads else None).eval().to(self.device)
+
+    def read_config(self, weights: Path | None) -> FoundationConfig:
+        return read_config(self.manifest, weights)
+
+    def new_network(self) -> nn.Module:
+        return build_backbone(self.config)
+
+    def check_onnx(self, onnx: OnnxModel, path: Path) -> None:
+        """Raises WeightsUnavailable when model.onnx was exported for another model or image size; takes the
+        backbone's SHA-256 from what the export recorded."""
+        self._sha = onnx.session.get_modelmeta().custom_metadata_map.get("backbone_sha256")
+        self._check_onnx(path, onnx, ("model_name", "img_size"))
+
+    # --- capabilities: `radnode embed` and `radnode train-head` ------------------------------------------
+
+    def load_embedder(self, device: str, weights: Path | None) -> None:
+        """`load` without the heads: embedding needs the backbone only. Raises WeightsUnavailable."""
+        self.load(device, weights, heads=False)
+
+    def embed_studies(self, items: Sequence[tuple[str, Sequence[Path]]], load: Callable[[Sequence[Path]], Image],
+                      *, batch_size: int = 8, patches: bool = False,
+                      progress: Callable[[int, int], None] | None = None) -> EmbeddingSet:
+        """`embed.embed_paths` with this plugin. Raises ValueError, RuntimeError."""
+        return embed_paths(self, items, load, batch_size=batch_size, progress=progress, patches=patches)
+
+    def train_heads(self, embeddings: Path, labels: Path, *, seed: int = 0, val_fraction: float = 0.2,
+                    epochs: int = 100, hidden: int = 0) -> TrainedHeads:
+        """`heads.train_heads_from_files`: the report and the heads file's bytes. Raises ValueError, OSError."""
+        report, content = train_heads_from_files(embeddings, labels, seed=seed, val_fraction=val_fraction,
+                                                 epochs=epochs, hidden=hidden)
+        return TrainedHeads(report, content)
 
     def _load_heads(self, folder: Path, dim: int | None) -> HeadsFile:
         config = self.config
@@ -245,7 +262,8 @@ class CxrFoundation(Plugin):
             values["backbone_sha256"] = str(self.backbone_sha256)
         return {k: values[k] for k in keys}
 
-    def _check_onnx(self, path: Path, exported: dict[str, str], keys: tuple[str, ...]) -> None:
+    def _check_onnx(self, path: Path, onnx: OnnxModel, keys: tuple[str, ...]) -> None:
+        exported = onnx.session.get_modelmeta().custom_metadata_map
         expected = self._onnx_meta(keys)
         stale = [k for k in keys if exported.get(k) != expected[k]]
         if stale:

@@ -25,61 +25,34 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import timm
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 from timm.models.vision_transformer import VisionTransformer
 
-from plugins.base import (
-    ONNX_FILE,
-    Classification,
-    Findings,
-    Heatmap,
-    Image,
-    Manifest,
-    Plugin,
-    WeightsUnavailable,
-)
+from plugins.base import Classification, Findings, Heatmap, Image, Manifest, WeightsUnavailable
 from plugins.cxr_pneumonia import HEATMAP, PNEUMONIA
-from plugins.torch_common import (
-    OnnxModel,
-    autocast,
-    export_onnx,
-    load_weights,
-    merged_config,
-    torch_device,
-    validated_config,
-)
-from plugins.xray import Letterbox, heatmap_to_image, letterbox, normalise  # noqa: F401  (re-exported)
+from plugins.torch_common import OnnxModel, TorchConfig, TorchPlugin, autocast, export_onnx, validated_config
+from plugins.xray import Letterbox, Std, heatmap_to_image, letterbox, normalise  # noqa: F401  (re-exported)
 
 POSITIVE_CLASS = "PNEUMONIA"
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("logits", "attention_rollout")
 
 
-class CxrConfig(BaseModel):
+class CxrConfig(TorchConfig):
     """The plugin's merged configuration (manifest `config` + config.json), validated."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
     model_name: str = Field(min_length=1)
     img_size: int = Field(ge=16, le=2048)
     model_kwargs: dict[str, Any]
     mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    std: Std
     threshold: float = Field(ge=0.0, le=1.0)
     classes: tuple[str, str]
-    backend: Literal["torch", "onnx"]
-
-    @field_validator("std")
-    @classmethod
-    def _std(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
-        if min(v) <= 0:
-            raise ValueError("std values must be positive")
-        return v
 
     @field_validator("classes")
     @classmethod
@@ -180,40 +153,26 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 # --- the plugin ----------------------------------------------------------------------------------------------
 
 
-class CxrPneumonia(Plugin):
-    """NORMAL vs PNEUMONIA on a frontal chest X-ray: the PNEUMONIA probability and an attention heatmap."""
+class CxrPneumonia(TorchPlugin[CxrConfig]):
+    """NORMAL vs PNEUMONIA on a frontal chest X-ray: the PNEUMONIA probability and an attention heatmap.
+    `load` (TorchPlugin): the ViT from the weights, wrapped in a RolloutViT (backend "torch"), or model.onnx
+    (backend "onnx"; an ONNX model without the attention output runs without heatmap)."""
 
-    config: CxrConfig
-    device: torch.device
-    _torch: RolloutViT | None = None
-    _onnx: OnnxModel | None = None
+    config_model = CxrConfig
+    net: RolloutViT | None = None
     _onnx_rollout: bool = False
 
     def load(self, device: str, weights: Path | None) -> None:
-        """Build the configured ViT and load `weights` strictly (backend torch), or open `model.onnx` beside
-        them (backend onnx). Raises WeightsUnavailable: a missing or unreadable file, weights of another
-        architecture, an ONNX model of another input size or class count, a bad config.json."""
-        self.config = read_config(merged_config(self.manifest, weights))
-        self.device = torch_device(device)
-        self._torch = self._onnx = None
-        if weights is None:
-            raise WeightsUnavailable("cxr-pneumonia needs its weights folder")
-        if self.config.backend == "onnx":
-            self._onnx, self._onnx_rollout = self._open_onnx(weights.parent / ONNX_FILE)
-            return
-        if not weights.is_file():  # before building the model: a ViT-B takes seconds to initialise
-            raise WeightsUnavailable(f"weights file {weights} not found")
-        model = load_weights(create_model(self.config), weights)
-        self._torch = RolloutViT(model).to(self.device).eval()
+        super().load(device, weights)
+        if self.net is not None:
+            self.net = RolloutViT(self.net).to(self.device).eval()
 
-    def _open_onnx(self, path: Path) -> tuple[OnnxModel, bool]:
-        """The ONNX session and whether it has the attention-rollout output. Raises WeightsUnavailable."""
-        try:
-            onnx = OnnxModel(path, self.device)
-        except WeightsUnavailable:
-            raise
-        except Exception as exc:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...) derive from Exception
-            raise WeightsUnavailable(f"{path}: not a usable ONNX model ({type(exc).__name__}: {exc})") from exc
+    def new_network(self) -> VisionTransformer:
+        return create_model(self.config)
+
+    def check_onnx(self, onnx: OnnxModel, path: Path) -> None:
+        """Raises WeightsUnavailable for an ONNX model of another input size or class count; notes whether it
+        has the attention-rollout output."""
         inputs, outputs = onnx.session.get_inputs(), onnx.session.get_outputs()
         size = self.config.img_size
         if len(inputs) != 1 or [d for d in inputs[0].shape[-2:] if isinstance(d, int)] not in ([], [size, size]):
@@ -223,22 +182,21 @@ class CxrPneumonia(Plugin):
         if isinstance(classes, int) and classes != len(self.config.classes):
             raise WeightsUnavailable(f"{path}: {classes} outputs, the configuration names {len(self.config.classes)}"
                                      " classes")
-        rollout = len(outputs) > 1 and len(outputs[1].shape) == 3
-        return onnx, rollout
+        self._onnx_rollout = len(outputs) > 1 and len(outputs[1].shape) == 3
 
     def _predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Logits (1, classes) and the rollout grid (1, gh, gw) (None from an ONNX model without it)."""
-        if self._onnx is not None:
-            outputs = self._onnx(x)
+        if self.onnx is not None:
+            outputs = self.onnx(x)
             return outputs[0], outputs[1] if self._onnx_rollout else None
         with autocast(self.device):
-            logits, rollout = self._torch(torch.from_numpy(x).to(self.device))
+            logits, rollout = self.net(torch.from_numpy(x).to(self.device))
         return logits.float().cpu().numpy(), rollout.float().cpu().numpy()
 
     def run(self, image: Image) -> Findings:
         """The PNEUMONIA probability and the attention heatmap of a 2-D X-ray; not applicable to other images.
         Raises RuntimeError when the plugin is not loaded."""
-        if self._torch is None and self._onnx is None:
+        if not self.loaded:
             raise RuntimeError("cxr-pneumonia is not loaded: call load() first")
         if image.kind != "image2d":
             return Findings.not_applicable_because(f"needs a 2-D X-ray image, got {image.kind}")
@@ -263,7 +221,7 @@ class CxrPneumonia(Plugin):
         outputs "logits" and "attention_rollout", dynamic batch) and compare ONNX Runtime with torch (float32)
         on a sample letterboxed input. Returns max_abs_diff (logits), probability_max_abs_diff,
         rollout_max_abs_diff and path. Raises RuntimeError when the plugin runs the ONNX backend."""
-        if self._torch is None:
+        if self.net is None:
             raise RuntimeError("export_onnx needs the torch backend (backend \"torch\" in config.json)")
         size = self.config.img_size
         canvas, _ = letterbox(np.random.default_rng(0).random((size, size * 3 // 4), dtype=np.float32), size)
@@ -271,11 +229,11 @@ class CxrPneumonia(Plugin):
         tensor = torch.from_numpy(sample).to(self.device)
         with warnings.catch_warnings():  # timm's shape asserts are constants for a fixed input size
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            export_onnx(self._torch, [tensor], path, [INPUT_NAME], list(OUTPUT_NAMES),
+            export_onnx(self.net, [tensor], path, [INPUT_NAME], list(OUTPUT_NAMES),
                         {INPUT_NAME: {0: "batch"}, OUTPUT_NAMES[0]: {0: "batch"}, OUTPUT_NAMES[1]: {0: "batch"}})
         onnx_logits, onnx_rollout = OnnxModel(path, self.device)(sample)
         with autocast(self.device, enabled=False):
-            logits, rollout = (t.float().cpu().numpy() for t in self._torch(tensor))
+            logits, rollout = (t.float().cpu().numpy() for t in self.net(tensor))
         return {
             "max_abs_diff": float(np.max(np.abs(onnx_logits - logits))),
             "probability_max_abs_diff": float(np.max(np.abs(softmax(onnx_logits) - softmax(logits)))),

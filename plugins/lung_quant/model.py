@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from plugins.base import Findings, Heatmap, Image, Manifest, Measurement, Plugin, Segmentation
+from plugins.base import Findings, Heatmap, Image, Manifest, Measurement, NotApplicable, Plugin, Segmentation
 from plugins.lung_quant import (
     BOTH_LUNGS,
     LAA_950,
@@ -104,10 +104,6 @@ class LungMasks:
     right: np.ndarray
     left: np.ndarray
     airway_found: bool
-
-
-class NotApplicable(Exception):
-    """The series does not suit the model: the message says why."""
 
 
 class LungQuant(Plugin):

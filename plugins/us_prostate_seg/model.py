@@ -27,26 +27,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from plugins.base import (
-    ONNX_FILE,
-    Findings,
-    Heatmap,
-    Image,
-    Manifest,
-    Measurement,
-    Plugin,
-    Segmentation,
-    WeightsUnavailable,
-)
-from plugins.torch_common import (
-    OnnxModel,
-    autocast,
-    export_onnx,
-    load_weights,
-    merged_config,
-    torch_device,
-    validated_config,
-)
+from plugins.base import ONNX_FILE, Findings, Heatmap, Image, Manifest, Measurement, Segmentation, WeightsUnavailable
+from plugins.torch_common import OnnxModel, TorchConfig, TorchPlugin, autocast, export_onnx
 from plugins.us_prostate_seg import AREA, HEATMAP, PROSTATE
 from plugins.us_prostate_seg.preprocess import (
     Letterbox,
@@ -78,7 +60,7 @@ class DiffusionConfig(_Config):
     option: Literal[1, 2]
 
 
-class ModelConfig(_Config):
+class ModelConfig(TorchConfig):
     """The plugin's `config` (manifest, overridden by config.json), validated."""
 
     encoder: str = Field(min_length=1)
@@ -88,7 +70,6 @@ class ModelConfig(_Config):
     threshold: float = Field(gt=0, lt=1)
     mean: float
     std: float = Field(gt=0)
-    backend: Literal["torch", "onnx"]
     batch_size: int = Field(ge=1, le=1024)
 
 
@@ -140,53 +121,41 @@ def network(config: ModelConfig | dict[str, Any]) -> FPN:
         raise ValueError(str(exc)) from exc
 
 
-class ProstateSegmenter(Plugin):
-    """The prostate on every ultrasound frame: mask, per-frame area, largest area, probability heatmap."""
+class ProstateSegmenter(TorchPlugin[ModelConfig]):
+    """The prostate on every ultrasound frame: mask, per-frame area, largest area, probability heatmap.
+    `load` (TorchPlugin): the FPN from the weights (backend "torch") or model.onnx (backend "onnx")."""
 
-    def __init__(self, manifest: Manifest) -> None:
-        super().__init__(manifest)
-        self.config: ModelConfig | None = None
-        self._device: torch.device = torch.device("cpu")
-        self._net: FPN | None = None
-        self._onnx: OnnxModel | None = None
+    config_model = ModelConfig
+    net: FPN | None = None
 
-    def load(self, device: str, weights: Path | None) -> None:
-        """Validate the merged config and load the network: `weights` (safetensors) for backend "torch",
-        `model.onnx` beside it for backend "onnx". Raises WeightsUnavailable for a bad config.json, a
-        missing file, or weights that do not fit the configured architecture."""
-        self.config = validated_config(ModelConfig, merged_config(self.manifest, weights), self.manifest.name)
-        self._device = torch_device(device)
-        self._net, self._onnx = None, None
-        if self.config.backend == "onnx":
-            if weights is None:
-                raise WeightsUnavailable("backend onnx needs the models folder (no weights path given)")
-            self._onnx = OnnxModel(weights.parent / ONNX_FILE, self._device)
-            shape = self._onnx.session.get_inputs()[0].shape
-            if list(shape[1:]) != [1, self.config.size, self.config.size]:
-                raise WeightsUnavailable(f"{ONNX_FILE} takes input {shape}, the config says size {self.config.size}: "
-                                         "export it again")
-            return
+    def new_network(self) -> FPN:
         try:
-            net = network(self.config)
+            return network(self.config)
         except ValueError as exc:
             raise WeightsUnavailable(f"{self.manifest.name} config: {exc}") from exc
-        self._net = load_weights(net, weights).to(self._device)
+
+    def check_onnx(self, onnx: OnnxModel, path: Path) -> None:
+        """Raises WeightsUnavailable when model.onnx takes another input size than the configuration's."""
+        shape = onnx.session.get_inputs()[0].shape
+        if list(shape[1:]) != [1, self.config.size, self.config.size]:
+            raise WeightsUnavailable(f"{ONNX_FILE} takes input {shape}, the config says size {self.config.size}: "
+                                     "export it again")
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """(n, 1, size, size) normalised float32 -> (n, size, size) float32 probability. Raises RuntimeError
         when the plugin is not loaded."""
-        if self._onnx is not None:
-            return np.asarray(self._onnx(batch)[0], dtype=np.float32)
-        if self._net is None:
+        if self.onnx is not None:
+            return np.asarray(self.onnx(batch)[0], dtype=np.float32)
+        if self.net is None:
             raise RuntimeError(f"{self.manifest.name} is not loaded")
-        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self._device)
-        with autocast(self._device):
-            return self._net(x).float().cpu().numpy()
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
+        with autocast(self.device):
+            return self.net(x).float().cpu().numpy()
 
     def run(self, image: Image) -> Findings:
         """Masks, areas and the heatmap of US frames (or a single still); not applicable to other images.
         Raises RuntimeError when the plugin is not loaded."""
-        if self.config is None:
+        if not self.loaded:
             raise RuntimeError(f"{self.manifest.name} is not loaded")
         if image.kind not in ("frames", "image2d"):
             return Findings.not_applicable_because(f"needs ultrasound frames, got a {image.kind}")
@@ -248,10 +217,10 @@ class ProstateSegmenter(Plugin):
         """Export the loaded torch network to ONNX at `path` (input "image" (n, 1, size, size), output
         "probability" (n, size, size), dynamic batch) and compare ONNX Runtime with torch on a seeded
         sample batch. Raises RuntimeError when the torch backend is not loaded."""
-        if self._net is None or self.config is None:
+        if self.net is None:
             raise RuntimeError(f"{self.manifest.name}: export needs the torch backend loaded")
         size = self.config.size
-        net = copy.deepcopy(self._net).float().cpu().eval()
+        net = copy.deepcopy(self.net).float().cpu().eval()
         sample = np.random.default_rng(0).normal(0.0, 1.0, (ONNX_CHECK_BATCH, 1, size, size)).astype(np.float32)
         example = torch.from_numpy(sample)
         export_onnx(net, [example], path, ["image"], ["probability"],
