@@ -93,10 +93,9 @@ class JobTableCollector:
 
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily
-        from sqlalchemy import func, select
 
-        from db.models import Delivery, Job, JobState, Series, utcnow
-        from db.workers import alive
+        from db.models import utcnow
+        from db.stats import table_counts
 
         jobs = GaugeMetricFamily("radnode_jobs", "Jobs by plugin and state", labels=["plugin", "state"])
         depth = GaugeMetricFamily("radnode_queue_depth", "Jobs queued and not yet started, by queue", labels=["queue"])
@@ -105,18 +104,16 @@ class JobTableCollector:
         series = GaugeMetricFamily("radnode_series", "Series by state", labels=["state"])
         workers = GaugeMetricFamily("radnode_workers_alive", "Worker processes seen in the last heartbeat periods")
         with self.sessionmaker() as session:
-            for plugin, state, n in session.execute(select(Job.plugin, Job.state, func.count()).group_by(
-                    Job.plugin, Job.state)):
-                jobs.add_metric([plugin, state], n)
-            for queue, n in session.execute(select(Job.queue, func.count()).where(
-                    Job.state == JobState.QUEUED).group_by(Job.queue)):
-                depth.add_metric([queue], n)
-            for dest, state, n in session.execute(select(Delivery.destination, Delivery.state, func.count()).group_by(
-                    Delivery.destination, Delivery.state)):
-                deliveries.add_metric([dest, state], n)
-            for state, n in session.execute(select(Series.state, func.count()).group_by(Series.state)):
-                series.add_metric([state], n)
-            workers.add_metric([], len(alive(session, utcnow(), WORKER_ALIVE_PERIODS * self.heartbeat_seconds)))
+            counts = table_counts(session, utcnow(), WORKER_ALIVE_PERIODS * self.heartbeat_seconds)
+        for plugin, state, n in counts.jobs:
+            jobs.add_metric([plugin, state], n)
+        for queue, n in counts.queued:
+            depth.add_metric([queue], n)
+        for dest, state, n in counts.deliveries:
+            deliveries.add_metric([dest, state], n)
+        for state, n in counts.series:
+            series.add_metric([state], n)
+        workers.add_metric([], counts.workers_alive)
         usage = shutil.disk_usage(self.data_path)
         disk = GaugeMetricFamily("radnode_disk_free_bytes", "Free bytes on the data folder's file system")
         disk.add_metric([], usage.free)

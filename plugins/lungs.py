@@ -1,4 +1,4 @@
-"""The chest check shared by the router (node.imaging) and the chest-CT plugins: the body on each slice and
+"""The chest check shared by the router (node.route.lungs) and the chest-CT plugins: the body on each slice and
 the air inside it. Air-filled lungs inside the body mean a chest; a head or an abdomen holds little air.
 numpy/scipy only; imports nothing from the node."""
 

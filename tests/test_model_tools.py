@@ -129,6 +129,21 @@ def test_export_onnx_refusals(tmp_path: Path):
     assert done.returncode == 2 and "has no ONNX export" in done.stderr
 
 
+def test_embed_and_train_head_need_the_capability(tmp_path: Path):
+    """The CLI reaches a plugin's embedding and head training through capabilities on the plugin contract;
+    a plugin without them is refused by name, before anything is read or written."""
+    (tmp_path / "studies").mkdir()
+    done = cli(tmp_path, "embed", str(tmp_path / "studies"), "--plugin", "lung-quant", "--out",
+               str(tmp_path / "emb.npz"))
+    assert done.returncode == 2 and "plugin lung-quant cannot embed" in done.stderr, done.stderr
+    labels = tmp_path / "labels.csv"
+    labels.write_text("id,x\na,1\n")
+    done = cli(tmp_path, "train-head", "--plugin", "lung-quant", "--embeddings", str(tmp_path / "emb.npz"),
+               "--labels", str(labels), "--out", str(tmp_path / "heads.safetensors"))
+    assert done.returncode == 2 and "plugin lung-quant cannot train heads" in done.stderr, done.stderr
+    assert not (tmp_path / "emb.npz").exists() and not (tmp_path / "heads.safetensors").exists()
+
+
 def test_embed_then_train_head_through_the_cli(tmp_path: Path, cases):
     """The foundation-model workflow with a tiny generated backbone: embed a folder of studies, train heads
     on labels, and the heads file loads into the plugin."""

@@ -11,7 +11,6 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -86,13 +85,13 @@ def _failed(check: str, exc: Exception) -> dict[str, Any]:
 def readiness(app: FastAPI) -> dict[str, Any]:
     """Each readiness check with ok and a message: database, broker, storage writable, a worker alive."""
     from db.migrate import current_revision
+    from db.session import ping
     from node.api.v1 import alive_workers_from
 
     s: Settings = app.state.settings
     checks: dict[str, Any] = {}
     try:
-        with app.state.sessionmaker() as session:
-            session.execute(text("SELECT 1"))
+        ping(app.state.sessionmaker)
         revision = current_revision(app.state.engine)
         checks["database"] = {"ok": revision == app.state.head, "detail": f"revision {revision}"}
     except Exception as exc:

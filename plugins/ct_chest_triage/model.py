@@ -56,7 +56,7 @@ from plugins.ct_chest_triage import FINDING_KEYS, FINDINGS, MISSING_SLICES, PATH
 from plugins.lungs import LUNG_MIN_ML, internal_air
 from plugins.torch_common import HuWindow, OnnxModel, TorchConfig, TorchPlugin, autocast, validated_config
 
-# Body-part check, as the router's (node.imaging.check_lungs): plugins do not import node.
+# Body-part check, as the router's (node.route.lungs.check_lungs): plugins do not import node.
 MAX_AXIAL_TILT_COS = 0.7  # |slice normal . z| below this: not an axial series
 CROP_MARGIN_MM = 5.0
 AIR_VALUE_HU = -1000.0  # fill outside the image

@@ -42,7 +42,7 @@ from plugins.lung_quant import (
     VOLUME,
 )
 
-BODY_HU = -500.0  # body (soft tissue, bone) vs outside air; matches node.imaging's lung check
+BODY_HU = -500.0  # body (soft tissue, bone) vs outside air; matches node.route.lungs' lung check
 AIR_HU = -400.0  # lung parenchyma and air vs soft tissue
 LAA_HU = -950.0  # low-attenuation areas (emphysema index LAA-950)
 # Airway growing: thresholds tried in turn (lung parenchyma lies around -850 HU: stay well below it).
@@ -56,7 +56,7 @@ TRACHEA_SEARCH_MM = 120.0  # how far down from the top slice the trachea is look
 TRACHEA_MAX_HU = -900.0  # mean HU of a trachea cross-section (lumen air)
 MIN_SLICES = 10
 MIN_LUNG_ML = 50.0  # one lung (a child's lung is larger)
-LUNGS_MIN_ML = 300.0  # both lungs together: matches node.imaging.LUNG_MIN_ML
+LUNGS_MIN_ML = 300.0  # both lungs together: matches plugins.lungs.LUNG_MIN_ML
 COARSE_MM = 1.5  # target in-plane spacing of the working grid
 COARSE_Z_MM = 2.5  # target slice spacing of the working grid
 MAX_COARSE_VOXELS = 8_000_000  # keeps a run within seconds
