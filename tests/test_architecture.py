@@ -49,8 +49,10 @@ def raw_imports(name: str) -> frozenset[str]:
         if isinstance(node, ast.Import):
             names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-            names |= {f"{node.module}.{a.name}" for a in node.names}  # `from node import metrics`
+            submodules = {f"{node.module}.{a.name}" for a in node.names} & modules().keys()
+            names |= submodules  # `from node import metrics` imports node.metrics
+            if len(submodules) < len(node.names):
+                names.add(node.module)
     return frozenset(names)
 
 
@@ -212,6 +214,11 @@ if __name__ == "__main__":
     for package in ("node", "db", "workers", "plugins"):
         count, floors, arrows = graph_summary(package)
         print(f"{package:8} {count:3} modules  {floors:2} floors  {arrows:3} arrows")
+    units = {m: ".".join(m.split(".")[:2]) for m in modules() if m.startswith("node")}  # node.<package or module>
+    between = {(units[a], units[b]) for a in units for b in imports(a) if b in units and units[a] != units[b]}
+    print(f"node/ as {len(set(units.values()))} packages and top-level modules: {len(between)} arrows between them")
+    for unit in sorted(set(units.values())):
+        print(f"  {unit:15} -> {', '.join(sorted(b for a, b in between if a == unit)) or '-'}")
     print(f"circles: {cycles() or 'none'}")
     for v in violations():
         print("violation:", v)
