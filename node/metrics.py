@@ -8,9 +8,9 @@ mode). prometheus_client is imported lazily: the environment variable must be se
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -28,8 +28,22 @@ def enable_multiprocess(directory: Path) -> None:
     os.environ[MULTIPROC_ENV] = str(directory)
 
 
-@functools.cache
+_CREATE = threading.Lock()
+_families: SimpleNamespace | None = None
+
+
 def _metrics() -> SimpleNamespace:
+    """This process's metric families, created once: receiver threads serving parallel associations reach
+    here together, and a second creation would be refused by the registry (duplicated timeseries)."""
+    global _families
+    if _families is None:
+        with _CREATE:
+            if _families is None:
+                _families = _create()
+    return _families
+
+
+def _create() -> SimpleNamespace:
     from prometheus_client import Counter, Histogram
 
     return SimpleNamespace(
