@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -205,6 +205,13 @@ def recover_lost(session: Session, now: datetime, *, lost_seconds: float, resend
         .order_by(Job.id)
     ).all()
     return Recovery(enqueue=[(i, q, p) for i, q, p in due], requeued=requeued, failed=failed)
+
+
+def hand_back(session: Session, workers: Collection[str], now: datetime) -> list[int]:
+    """Running jobs held by these worker processes ("host:pid") back to queued, to be sent again at once:
+    their worker was stopped before they finished. Returns their ids."""
+    ids = session.execute(select(Job.id).where(Job.state == R, Job.worker.in_(list(workers))).order_by(Job.id))
+    return [i for i in ids.scalars() if transition(session, i, R, Q, now, enqueued_at=None, heartbeat_at=None)]
 
 
 def expired_outputs(session: Session, cutoff: datetime, limit: int = 200) -> list[int]:

@@ -7,6 +7,7 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from db.jobs import hand_back
 from db.migrate import current_revision, upgrade
 from db.models import utcnow
 from db.records import known_paths, record_instance
@@ -27,6 +29,7 @@ from node.ingest.scp import listen_addresses, spawn_receiver
 from node.ingest.storage import InstanceStore
 from node.ingest.tracker import Tracker
 from node.metrics import enable_multiprocess
+from node.process import descendants, set_parent_death_signal
 from node.queueing.broker import BASE_QUEUES, Enqueuer, is_embedded
 from node.queueing.sweeper import Sweeper
 from node.route.router import Router
@@ -169,8 +172,42 @@ class Node:
         queues = ",".join(worker_queues(self.rules))
         cmd = [sys.executable, "-m", "workers", "--queues", queues, "--concurrency",
                str(self.settings.worker_concurrency), "--name", f"radnode-embedded@{os.uname().nodename}"]
-        self.worker = subprocess.Popen(cmd, env=os.environ.copy(), preexec_fn=_die_with_parent)
+        node = os.getpid()
+
+        def die_with_node() -> None:  # in the child, before exec: killed when the node dies, even by kill -9
+            set_parent_death_signal(signal.SIGKILL)  # its jobs are recovered from the job table
+            if os.getppid() != node:
+                os._exit(1)
+
+        self.worker = subprocess.Popen(cmd, env=os.environ.copy(), preexec_fn=die_with_node)
         log.info("embedded worker started (pid %d, queues %s)", self.worker.pid, queues)
+
+    def _stop_worker(self, processes: list[int], deadline: float) -> None:
+        """Let the embedded worker finish its running job until `deadline`; then stop it and hand the jobs its
+        processes held back to the queue (a restarted node, or another worker, runs them again)."""
+        assert self.worker is not None
+        try:
+            self.worker.wait(timeout=max(0.0, deadline - time.monotonic()))
+            log.info("embedded worker stopped (any running job finished)")
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        for pid in [*descendants(self.worker.pid), self.worker.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.worker.wait()
+        host = socket.gethostname()
+        try:
+            with self.sessionmaker.begin() as session:
+                handed = hand_back(session, [f"{host}:{pid}" for pid in processes], utcnow())
+        except SQLAlchemyError:
+            log.exception("embedded worker stopped after %g s; its running jobs could not be handed back now (the "
+                          "sweeper requeues them after job_lost_seconds)", self.settings.stop_grace_seconds)
+            return
+        log.warning("embedded worker still busy after %g s: stopped; job(s) %s handed back to the queue",
+                    self.settings.stop_grace_seconds, ", ".join(map(str, handed)) or "none")
 
     def _wait_ready(self, pending: set[int | str], timeout: float = 60.0, starting: bool = True) -> None:
         """Wait for these children to report ready. Raises StartupError; while `starting`, after shutting
@@ -279,7 +316,10 @@ class Node:
 
     def shutdown(self) -> None:
         self.stop.set()
+        deadline = time.monotonic() + self.settings.stop_grace_seconds
+        worker_processes: list[int] = []
         if self.worker is not None and self.worker.poll() is None:
+            worker_processes = [self.worker.pid, *descendants(self.worker.pid)]
             self.worker.terminate()  # Celery warm shutdown: finish the running task
         children = [*self.receivers.values(), *([self.api] if self.api is not None else [])]
         for proc in children:
@@ -289,30 +329,19 @@ class Node:
             proc.join(timeout=15)
             if proc.is_alive():
                 proc.kill()
-        if self.worker is not None:
-            try:
-                self.worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.worker.kill()
-                self.worker.wait()
+        if worker_processes:
+            self._stop_worker(worker_processes, deadline)
         if hasattr(self, "enqueuer"):
             self.enqueuer.close()
         log.info("node stopped")
-
-
-def _die_with_parent() -> None:
-    """In the embedded worker before exec: Linux sends it SIGTERM when the node dies (even by kill -9)."""
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def spawn_api(settings: Settings, ready: Any) -> mp.process.BaseProcess:
     """The HTTP service (REST API, STOW-RS, dashboard, metrics) in its own process."""
     from node.api.app import api_main
 
-    proc = mp.get_context("spawn").Process(target=api_main, args=(settings.model_dump(), ready), name="radnode-api",
+    proc = mp.get_context("spawn").Process(target=api_main, args=(settings.model_dump(), ready, os.getpid()),
+                                           name="radnode-api",
                                            daemon=False)
     proc.start()
     return proc

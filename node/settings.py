@@ -217,6 +217,8 @@ class Settings(BaseSettings):
     rules_file: Path | None = Field(None, description="routing rules YAML; default: the packaged default rules")
     embedded_worker: bool = Field(True, description="`radnode run` also starts a worker process (off in production)")
     worker_concurrency: int = Field(1, ge=1, le=64, description="processes of the embedded worker")
+    stop_grace_seconds: float = Field(30.0, ge=0, description="on stop, how long the embedded worker may finish "
+                                      "a running job before it is stopped and the job handed back to the queue")
     device: str = Field("auto", description="model device: auto (CUDA when present), cpu, cuda, cuda:N")
     job_heartbeat_seconds: float = Field(5.0, gt=0, description="a running job's heartbeat period")
     job_lost_seconds: float = Field(60.0, gt=0, description="a running job without heartbeat this long is requeued")

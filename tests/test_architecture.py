@@ -6,7 +6,7 @@
          |
     shared        node.dicom, node.imaging, node.results (no db, SQLAlchemy or Celery)
          |
-    foundation    node (version), node.settings, node.logs, node.metrics, node.files
+    foundation    node (version), node.settings, node.logs, node.metrics, node.files, node.process
          |
     db, plugins   db imports only db and node.settings; plugins import nothing of the core
 
@@ -27,7 +27,7 @@ PACKAGES = ("node", "db", "workers", "plugins")
 ENTRY = ("node.cli", "node.service", "node.api", "node.demo", "workers")
 STEPS = ("node.ingest", "node.route", "node.pipeline", "node.dispatch", "node.queueing")
 SHARED = ("node.dicom", "node.imaging", "node.results")
-FOUNDATION = ("node", "node.settings", "node.logs", "node.metrics", "node.files")
+FOUNDATION = ("node", "node.settings", "node.logs", "node.metrics", "node.files", "node.process")
 
 
 def module_name(py: Path) -> str:

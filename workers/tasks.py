@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -22,6 +23,7 @@ from node.dispatch.dispatcher import Dispatcher
 from node.logs import job_context, uid_hash
 from node.pipeline.inference import load_plugin
 from node.pipeline.run import run_series
+from node.process import set_parent_death_signal
 from node.queueing.broker import TASK_DISPATCH, TASK_INFER, Enqueuer
 from node.results.common import warm_up
 from node.settings import Settings, load_settings
@@ -193,7 +195,9 @@ def dispatch(delivery_id: int) -> str:
 
 @worker_process_init.connect
 def _warm_up(**_: Any) -> None:
-    """Each pool process loads the encoders' tables now, not during its first job."""
+    """Each pool process dies with its worker (however the worker dies: its jobs are recovered from the job
+    table) and loads the encoders' tables now, not during its first job."""
+    set_parent_death_signal(signal.SIGKILL)
     warm_up()
 
 

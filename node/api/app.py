@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import tempfile
 from typing import Any
 
@@ -19,6 +20,8 @@ from node.api.auth import Authenticator, Reader
 from node.settings import Settings
 
 log = logging.getLogger("radnode.api")
+
+STOP_GRACE_SECONDS = 10  # requests in flight get this long to finish when the HTTP service stops
 
 
 class Guard:
@@ -202,6 +205,7 @@ def _server(app: FastAPI, settings: Settings) -> Any:
 
     config = uvicorn.Config(
         app, log_config=None, access_log=False, timeout_keep_alive=30, server_header=False,
+        timeout_graceful_shutdown=STOP_GRACE_SECONDS,  # a stop waits this long for requests in flight
         ssl_certfile=str(settings.http_tls_cert) if settings.http_tls_cert else None,
         ssl_keyfile=str(settings.http_tls_key) if settings.http_tls_key else None,
     )
@@ -215,12 +219,13 @@ def serve(settings: Settings) -> None:
     _server(create_app(settings), settings).run(sockets=[sock])
 
 
-def api_main(settings_data: dict[str, Any], ready: Any) -> None:
-    """Entry point of the node's HTTP process (spawned by `radnode run`); stops with the node."""
-    import threading
-
+def api_main(settings_data: dict[str, Any], ready: Any, node_pid: int) -> None:
+    """Entry point of the node's HTTP process (spawned by `radnode run`); stops with the node, however the
+    node stops (SIGTERM from the node, or from Linux when the node dies)."""
     from node.logs import setup_logging
+    from node.process import die_with_parent
 
+    die_with_parent(node_pid, signal.SIGTERM, grace=STOP_GRACE_SECONDS + 5, what="HTTP service")
     settings = Settings(**settings_data)
     setup_logging(settings.log_level, settings.log_json, settings.uid_hash_salt.get_secret_value())
     try:
@@ -230,14 +235,6 @@ def api_main(settings_data: dict[str, Any], ready: Any) -> None:
         ready.put(("api", f"HTTP service cannot start on port {settings.http_port}: {type(exc).__name__}: {exc}"))
         return
     ready.put(("api", None))
-    parent = os.getppid()
-
-    def watch_parent() -> None:  # the node died (kill -9): do not keep the port open alone
-        while not server.should_exit:
-            if os.getppid() != parent:
-                log.error("node process gone; HTTP service stopping")
-                server.should_exit = True
-            threading.Event().wait(1.0)
-
-    threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
     server.run(sockets=[sock])
+    if os.getppid() != node_pid:
+        log.error("node process gone; HTTP service stopped")

@@ -22,9 +22,12 @@ from node.dicom.status import Status
 from node.ingest.ingest import Ingest
 from node.ingest.storage import InstanceStore
 from node.logs import setup_logging
+from node.process import die_with_parent
 from node.settings import Settings
 
 log = logging.getLogger("radnode.scp")
+
+STOP_GRACE_SECONDS = 10.0  # running associations get this long to finish when the receiver stops
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -165,8 +168,9 @@ def start_servers(settings: Settings, receiver: Receiver) -> tuple[AE, list[Thre
     return ae, servers
 
 
-def stop_servers(ae: AE, servers: list[ThreadedAssociationServer], grace: float = 10.0) -> None:
-    """Stop accepting, then give running associations `grace` seconds to finish."""
+def stop_servers(ae: AE, servers: list[ThreadedAssociationServer], grace: float = STOP_GRACE_SECONDS) -> None:
+    """Stop accepting and release the port (pynetdicom's shutdown closes the listening socket), then give
+    running associations `grace` seconds to finish."""
     for server in servers:
         server.shutdown()
     deadline = time.monotonic() + grace
@@ -175,13 +179,15 @@ def stop_servers(ae: AE, servers: list[ThreadedAssociationServer], grace: float 
         time.sleep(0.05)
 
 
-def receiver_main(settings_data: dict[str, Any], index: int, ready: Any) -> None:
-    """Entry point of one receiver process (spawned by the node); runs until SIGTERM/SIGINT."""
-    settings = Settings(**settings_data)
-    setup_logging(settings.log_level, settings.log_json, settings.uid_hash_salt.get_secret_value())
+def receiver_main(settings_data: dict[str, Any], index: int, ready: Any, node_pid: int) -> None:
+    """Entry point of one receiver process (spawned by the node); runs until SIGTERM/SIGINT, which also
+    comes when the node dies, however it dies."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    die_with_parent(node_pid, signal.SIGTERM, grace=STOP_GRACE_SECONDS + 5, what=f"receiver {index}")
+    settings = Settings(**settings_data)
+    setup_logging(settings.log_level, settings.log_json, settings.uid_hash_salt.get_secret_value())
     tighten_polling()
     store = InstanceStore(settings.instances_dir, settings.tmp_dir, settings.min_free_bytes)
     engine = make_engine(settings.db_url)
@@ -192,11 +198,9 @@ def receiver_main(settings_data: dict[str, Any], index: int, ready: Any) -> None
         ready.put((index, f"cannot listen: {exc}"))
         return
     ready.put((index, None))
-    parent = os.getppid()
-    while not stop.wait(1.0):
-        if os.getppid() != parent:  # the node died (kill -9): do not keep the port open alone
-            log.error("node process gone; receiver %d stopping", index)
-            break
+    stop.wait()
+    if os.getppid() != node_pid:
+        log.error("node process gone; receiver %d stopping", index)
     stop_servers(ae, servers)
     engine.dispose()
 
@@ -205,7 +209,7 @@ def spawn_receiver(settings: Settings, index: int, ready: Any) -> mp.process.Bas
     ctx = mp.get_context("spawn")
     proc = ctx.Process(
         target=receiver_main,
-        args=(settings.model_dump(), index, ready),
+        args=(settings.model_dump(), index, ready, os.getpid()),
         name=f"radnode-receiver-{index}",
         daemon=False,
     )
