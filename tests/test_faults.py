@@ -158,3 +158,102 @@ def test_kill9_of_the_node_while_routing_makes_each_job_once(tmp_path: Path):
         rows = stack.wait_jobs(lambda rows: len(rows) == 20 and all(r["state"] == "encoded" for r in rows), 180)
         assert len({r["series_uid"] for r in rows}) == 20
         assert all(r["attempts"] in (1, 2) for r in rows), [r["attempts"] for r in rows]
+
+
+class PrivatePostgres:
+    """A throw-away PostgreSQL cluster of our own (trust auth) that a test may restart."""
+
+    def __init__(self) -> None:
+        import glob
+        import tempfile
+
+        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
+        need(bool(found), "PostgreSQL server binaries not installed")
+        self.bin = Path(found[-1]).parent
+        # outside pytest's private tmp folder: as root, the server runs as the postgres user
+        self.root = Path(tempfile.mkdtemp(prefix="radnode-test-pg-"))
+        self.dir, self.port = self.root / "pgdata", free_port()
+        self.dir.mkdir()
+        if os.getuid() == 0:  # initdb and pg_ctl refuse to run as root
+            os.chown(self.root, *_postgres_ids())
+            os.chown(self.dir, *_postgres_ids())
+        self._run("initdb", "-D", str(self.dir), "-U", "postgres", "--auth=trust")
+        self.start()
+
+    def _run(self, tool: str, *args: str) -> None:
+        cmd = [str(self.bin / tool), *args]
+        if os.getuid() == 0:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        # no pipes: the server started by pg_ctl would inherit and hold them open
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+
+    def start(self) -> None:
+        self._run("pg_ctl", "-D", str(self.dir), "-o", f"-p {self.port} -k /tmp -c listen_addresses=127.0.0.1",
+                  "-l", str(self.dir / "log"), "-w", "start")
+
+    def restart(self) -> None:
+        self._run("pg_ctl", "-D", str(self.dir), "-l", str(self.dir / "log"), "-m", "fast", "-w", "restart")
+
+    def stop(self, keep: bool = False) -> None:
+        """Stop the server at once; remove its files unless `keep`."""
+        import shutil
+
+        try:
+            self._run("pg_ctl", "-D", str(self.dir), "-m", "immediate", "-w", "stop")
+        finally:
+            if not keep:
+                shutil.rmtree(self.root, ignore_errors=True)
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+
+def _postgres_ids() -> tuple[int, int]:
+    import pwd
+
+    entry = pwd.getpwnam("postgres")
+    return entry.pw_uid, entry.pw_gid
+
+
+def test_a_postgresql_restart_during_ingest_and_during_a_job(tmp_path: Path, ct_dir: Path):
+    """The job table's server restarts while instances arrive and again while a job runs: every instance
+    acknowledged is recorded (the rest were answered 0xA700 and are sent again), and the job ends once."""
+    from db.migrate import upgrade
+
+    pg = PrivatePostgres()
+    stack = Stack("embedded", tmp_path, pg.url)  # the embedded broker and worker, the job table on PostgreSQL
+    try:
+        upgrade(stack.engine)
+        marker = tmp_path / "runs.txt"
+        node = stack.start("rules:\n  - name: ct\n    when: {Modality: CT}\n    plugins: [test-slow]\n",
+                           env={"TESTPLUGIN_SLOW_SECONDS": "4", "TESTPLUGIN_SLOW_MARKER": str(marker)},
+                           stable_seconds="2")
+        files = sorted(ct_dir.glob("*.dcm"))
+        answered = 0
+
+        def restart_midway(_: Path, status: int) -> None:  # down after the 10th answer, up after the 20th
+            nonlocal answered
+            answered += 1
+            if answered == 10:
+                pg.stop(keep=True)
+            elif answered == 20:
+                pg.start()
+
+        report = send(files, "127.0.0.1", node.port, node.ae_title, "CT1", progress=restart_midway)
+        assert report.sent + len(report.failed) == len(files)
+        assert 10 <= len(report.failed) < len(files) - 10, report.failed  # refused while the server was down
+        assert all("0xA700" in why for _, why in report.failed), report.failed
+        sent = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files} - {
+            str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f, _ in report.failed}
+        assert sent <= instance_uids(node)
+        assert send(files, "127.0.0.1", node.port, node.ae_title, "CT1").sent == len(files)  # the sender retries
+        assert len(instance_uids(node)) == len(files)
+        stack.wait_jobs(lambda rows: bool(rows) and rows[0]["state"] == "running" and marker.exists(), 120)
+        pg.restart()  # while the worker holds the job
+        [job] = stack.wait_jobs(lambda rows: rows[0]["state"] in {"encoded", "failed"}, timeout=120)
+        assert job["state"] == "encoded" and job["attempts"] in (1, 2), job
+        assert len(stack.jobs()) == 1
+    finally:
+        stack.close()
+        pg.stop()
