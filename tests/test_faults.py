@@ -257,3 +257,29 @@ def test_a_postgresql_restart_during_ingest_and_during_a_job(tmp_path: Path, ct_
     finally:
         stack.close()
         pg.stop()
+
+
+def test_disk_full_while_encoding_fails_the_job_with_its_reason_then_a_retry_succeeds(tmp_path: Path):
+    """The outputs' file system fills up during encoding: the job fails at the encode stage saying why, no
+    half-written file is left, the node keeps serving, and once there is room a retry encodes it."""
+    need(os.getuid() == 0, "mounting a small file system for the outputs needs root")
+    outputs = tmp_path / "data" / "outputs"
+    outputs.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(outputs)], check=True)
+    try:
+        with embedded_stack(tmp_path) as stack:
+            node = stack.start("rules:\n  - name: ct\n    when: {Modality: CT}\n    plugins: [test-slow]\n",
+                               stable_seconds="1")
+            files = write_ct_series(tmp_path / "series", kind="chest", slices=12, size=64)
+            assert send(files, "127.0.0.1", node.port, node.ae_title, "CT1").sent == 12
+            [job] = stack.wait_jobs(lambda rows: bool(rows) and rows[0]["state"] in {"encoded", "failed"})
+            assert (job["state"], job.get("fail_stage")) == ("failed", "encode"), {k: job.get(k) for k in ("state", "fail_stage", "error", "reason", "outputs")}
+            assert "No space left on device" in job["error"], job
+            assert not list(outputs.rglob("*.part"))
+            assert echo("127.0.0.1", node.port, node.ae_title, "TESTSCU") == 0
+            subprocess.run(["mount", "-o", "remount,size=64m", str(outputs)], check=True)
+            assert node.cli("jobs", "retry", str(job["id"])).returncode == 0
+            [job] = stack.wait_jobs(lambda rows: rows[0]["state"] == "encoded")
+            assert job["outputs"] and not job["error"], job  # a manual retry starts the attempts over
+    finally:
+        subprocess.run(["umount", "-l", str(outputs)], check=False)
