@@ -129,7 +129,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     from db.migrate import alembic_config
     from db.session import make_engine, make_sessionmaker
-    from node.api import dashboard, infer, stow, v1
+    from node.api import dashboard, infer, routing, stow, v1
     from node.ingest.ingest import Ingest
     from node.queueing.broker import Enqueuer
     from plugins.registry import discover
@@ -183,6 +183,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(infer.router)
     app.include_router(stow.router)
     app.include_router(dashboard.router)
+    app.include_router(routing.router)
     app.add_middleware(Guard, limit=settings.max_upload_bytes)
     return app
 

@@ -27,6 +27,8 @@ models_app = typer.Typer(no_args_is_help=True, help="Model files: what each plug
 app.add_typer(models_app, name="models")
 token_app = typer.Typer(no_args_is_help=True, help="Bearer tokens for the HTTP API and dashboard.")
 app.add_typer(token_app, name="token")
+rules_app = typer.Typer(no_args_is_help=True, help="Routing rules: try them on files.")
+app.add_typer(rules_app, name="rules")
 console = Console(stderr=True)
 _state: dict[str, Path | None] = {"config": None}
 
@@ -834,6 +836,79 @@ def send(
     print(f"sent {report.sent}, failed {len(report.failed)}, skipped {len(report.skipped)}")
     if report.failed:
         raise typer.Exit(1)
+
+
+@rules_app.command("test")
+def rules_test(
+    path: Annotated[Path, typer.Argument(help="a folder, a zip of DICOM files, or one DICOM file")],
+    rules_file: Annotated[Path | None, typer.Option("--rules", exists=True, dir_okay=False,
+                                                   help="rules file (default: RADNODE_RULES_FILE or the default rules)")
+                          ] = None,
+    calling_ae: Annotated[str | None, typer.Option("--calling-ae", help="as if sent by this AE title")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Show what the routing rules would do with these files, without storing or sending anything.
+
+    For each series: the attributes the rules see (body part normalised), each rule's verdict and why
+    it did not match, and the jobs that would be queued (after the CT lung pixel check). Exit 0, or 1
+    when the input holds no DICOM, 2 for an invalid rules file.
+    """
+    from node.pipeline.offline import InferError, input_files
+    from node.route.rules import RulesError, load_rules
+    from node.route.tester import dry_run
+    from plugins.registry import discover, unavailable_reason
+
+    s = settings()
+    manifests = discover().manifests
+    try:
+        rules = load_rules(rules_file or s.rules_file, manifests, [d.name for d in s.destinations])
+    except RulesError as exc:
+        console.print(f"[red]{escape(str(exc))}[/red]")
+        raise typer.Exit(2) from None
+    try:
+        with input_files(path) as files:
+            reports, refused = dry_run(files, rules, manifests, calling_ae,
+                                       unavailable=lambda m: unavailable_reason(m, s.models_path))
+    except InferError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    if as_json:
+        print(json.dumps({"series": [r.to_json() for r in reports],
+                          "refused": [{"file": str(f.path), "reason": f.reason} for f in refused]}, indent=2))
+    else:
+        print(f"rules: {len(rules.rules)} from {rules_file or s.rules_file or 'the default rules'}")
+        for r in reports:
+            _print_series_report(r)
+        for f in refused[:20]:
+            print(f"refused {f.path}: {f.reason}")
+        if len(refused) > 20:
+            print(f"... and {len(refused) - 20} more refused file(s)")
+    if not reports:
+        console.print(f"[red]{path}: no DICOM series found ({len(refused)} other file(s))[/red]")
+        raise typer.Exit(1)
+
+
+def _print_series_report(r) -> None:
+    number = f" #{r.series_number}" if r.series_number is not None else ""
+    print(f"\nseries {r.series_uid}{number}: {r.files} instance(s)")
+    for key, value in r.attributes().items():
+        shown = "\\".join(value) if key == "ImageType" else ", ".join(value) if isinstance(value, list) else value
+        print(f"  {key:<18} {'-' if shown in (None, '') else shown}")
+    for c in r.checks:
+        if not c.matched:
+            print(f"  rule {c.rule}: no match: {'; '.join(c.failed)}")
+            continue
+        chosen = ", ".join(m.plugin for m in c.matches) or "no plugin"
+        print(f"  rule {c.rule}: matches -> {chosen}")
+        for plugin, why in c.left_out:
+            print(f"    {plugin} left out: {why}")
+    for note in r.notes:
+        print(f"  {note}")
+    if not r.queued:
+        print("  would queue: nothing")
+    for m in r.queued:
+        dests = "all destinations" if m.destinations is None else ", ".join(m.destinations) or "no destination"
+        print(f"  would queue: {m.plugin} on {m.queue} ({m.priority}, rule {m.rule}) -> {dests}")
 
 
 @db_app.command("upgrade")

@@ -11,6 +11,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
@@ -67,7 +68,7 @@ def _text(ds: Dataset, keyword: str, limit: int = 256) -> str | None:
         return None
     if value is None or value == "":
         return None
-    if isinstance(value, (list, tuple)) or getattr(value, "VM", 1) > 1:
+    if isinstance(value, (list, tuple, MultiValue)):  # ImageType, BodyPartExamined with VM > 1
         value = "\\".join(str(v) for v in value)
     return str(value).strip()[:limit] or None
 

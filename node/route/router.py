@@ -28,6 +28,7 @@ from db.jobs import (
 )
 from db.models import Series, Study, utcnow
 from node.dicom.bodypart import normalise_body_part
+from node.dicom.header import InstanceHeader
 from node.imaging import ImageLoadError
 from node.logs import uid_hash
 from node.route.lungs import LungCheck, check_lungs_in_files
@@ -121,37 +122,64 @@ def _unsuitable(series: SeriesAttrs, manifest: Manifest) -> str | None:
     return None
 
 
-def match(series: SeriesAttrs, rules: RuleSet, manifests: Mapping[str, Manifest]) -> Decision:
-    """Apply the rules in order to one series.
+@dataclass(frozen=True)
+class RuleCheck:
+    """One rule applied to one series: the conditions it failed (none: it matched), the plugins it chose
+    and the plugins it left out with the reason (a manifest ruled the series out, already chosen, ...)."""
 
-    Each matching rule yields a Match per plugin (queue = the rule's or the manifest's, priority = the
-    rule's); a plugin already chosen by an earlier rule is not repeated. A plugin whose manifest rules
-    the series out (modality, min_slices, body parts) is left out with a reason. When no rule matches,
-    the reasons say why each rule missed. Pure; raises nothing.
+    rule: str
+    failed: tuple[str, ...]
+    matches: tuple[Match, ...] = ()
+    left_out: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def matched(self) -> bool:
+        return not self.failed
+
+
+def explain(series: SeriesAttrs, rules: RuleSet, manifests: Mapping[str, Manifest]) -> list[RuleCheck]:
+    """Apply every rule in order to one series and say, per rule, why it matched or not.
+
+    A matching rule yields a Match per plugin (queue = the rule's or the manifest's, priority = the
+    rule's); a plugin already chosen by an earlier rule is not repeated, and a plugin whose manifest
+    rules the series out (modality, min_slices, body parts) is left out with a reason. Pure.
     """
-    matches: list[Match] = []
-    reasons: list[str] = []
-    misses: list[str] = []
+    checks: list[RuleCheck] = []
     seen: set[str] = set()
     for rule in rules.rules:
-        failed = [m for key, cond in rule.when.conditions() if (m := _miss(key, cond, series)) is not None]
+        failed = tuple(m for key, cond in rule.when.conditions() if (m := _miss(key, cond, series)) is not None)
         if failed:
-            misses.append(f"rule {rule.name}: {'; '.join(failed)}")
+            checks.append(RuleCheck(rule.name, failed))
             continue
+        chosen: list[Match] = []
+        left_out: list[tuple[str, str]] = []
         for plugin in rule.plugins:
             if plugin in seen:
+                left_out.append((plugin, "already chosen by an earlier rule"))
                 continue
             seen.add(plugin)
             manifest = manifests.get(plugin)
             why = "not installed" if manifest is None else _unsuitable(series, manifest)
             if manifest is None or why is not None:
-                reasons.append(f"rule {rule.name}: plugin {plugin} left out: {why}")
+                left_out.append((plugin, why or "not installed"))
                 continue
             dests = tuple(rule.destinations) if rule.destinations is not None else None
-            matches.append(Match(rule.name, plugin, rule.queue or manifest.queue, rule.priority, dests))
-    if len(misses) == len(rules.rules):
+            chosen.append(Match(rule.name, plugin, rule.queue or manifest.queue, rule.priority, dests))
+        checks.append(RuleCheck(rule.name, (), tuple(chosen), tuple(left_out)))
+    return checks
+
+
+def match(series: SeriesAttrs, rules: RuleSet, manifests: Mapping[str, Manifest]) -> Decision:
+    """Apply the rules in order to one series (see `explain`): the plugins to run, with the reasons
+    for plugins left out and, when no rule matched, why each rule missed. Pure; raises nothing."""
+    checks = explain(series, rules, manifests)
+    matches = tuple(m for check in checks for m in check.matches)
+    reasons = [f"rule {c.rule}: plugin {plugin} left out: {why}" for c in checks for plugin, why in c.left_out
+               if why != "already chosen by an earlier rule"]
+    if not any(c.matched for c in checks):
+        misses = [f"rule {c.rule}: {'; '.join(c.failed)}" for c in checks]
         reasons = ["no rule matched" if rules.rules else "no rules configured", *misses, *reasons]
-    return Decision(tuple(matches), tuple(reasons))
+    return Decision(matches, tuple(reasons))
 
 
 # --- the route step: complete series -> job rows (reads the job table and pixels; not pure) -------
@@ -159,26 +187,54 @@ def match(series: SeriesAttrs, rules: RuleSet, manifests: Mapping[str, Manifest]
 
 def series_attrs(series: Series, study: Study) -> SeriesAttrs:
     """What `match` looks at, from the job table's series and study rows."""
+    return _attrs(series, study.study_description, series.calling_ae, series.instance_count)
+
+
+def header_attrs(first: InstanceHeader, count: int, calling_ae: str | None = None) -> SeriesAttrs:
+    """What `match` would look at once the series is stored: its first instance's header (the job table
+    keeps the first instance's values) and the number of instances."""
+    return _attrs(first, first.study_description, calling_ae, count)
+
+
+def _attrs(source: Series | InstanceHeader, study_description: str | None, calling_ae: str | None,
+           count: int) -> SeriesAttrs:
     return SeriesAttrs(
-        modality=series.modality,
+        modality=source.modality,
         body_parts=normalise_body_part(
-            series.body_part_examined, study.study_description, series.series_description, series.protocol_name
+            source.body_part_examined, study_description, source.series_description, source.protocol_name
         ),
-        sop_class_uid=series.sop_class_uid,
-        calling_ae=series.calling_ae,
-        manufacturer=series.manufacturer,
-        series_description=series.series_description,
-        study_description=study.study_description,
-        protocol_name=series.protocol_name,
-        slice_thickness=series.slice_thickness,
-        slice_count=series.instance_count,
-        image_type=tuple(p.strip().upper() for p in (series.image_type or "").split("\\") if p.strip()),
+        sop_class_uid=source.sop_class_uid,
+        calling_ae=calling_ae,
+        manufacturer=source.manufacturer,
+        series_description=source.series_description,
+        study_description=study_description,
+        protocol_name=source.protocol_name,
+        slice_thickness=source.slice_thickness,
+        slice_count=count,
+        image_type=tuple(p.strip().upper() for p in (source.image_type or "").split("\\") if p.strip()),
     )
 
 
 def needs_lung_check(manifest: Manifest, attrs: SeriesAttrs) -> bool:
     """A chest-CT model runs only when the pixels show air-filled lungs inside the body."""
     return (attrs.modality or "").upper() == "CT" and "CHEST" in manifest.series.body_parts
+
+
+def pixel_checks(matches: list[Match], attrs: SeriesAttrs, paths: Sequence[Path], manifests: Mapping[str, Manifest],
+                 lung_check: Callable[[Sequence[Path]], LungCheck] = check_lungs_in_files
+                 ) -> tuple[list[Match], list[str]]:
+    """The matches that survive the pixel checks (the CT lung check for chest-CT models), and notes."""
+    checked = [m for m in matches if needs_lung_check(manifests[m.plugin], attrs)]
+    if not checked:
+        return matches, []
+    try:
+        result = lung_check(paths)
+    except ImageLoadError as exc:
+        result = LungCheck(found=False, volume_ml=0.0, reason=f"pixels unreadable ({exc})")
+    names = ", ".join(m.plugin for m in checked)
+    if result.found:
+        return matches, [f"CT pixel check for {names}: {result.reason}"]
+    return [m for m in matches if m not in checked], [f"{names} not run: CT pixel check: {result.reason}"]
 
 
 class JobSender(Protocol):
@@ -209,20 +265,6 @@ class Router:
             self.route_series(series_id)
         return len(pending)
 
-    def _pixel_checks(self, matches: list[Match], attrs: SeriesAttrs, rel_paths: list[str]) -> tuple[list[Match],
-                                                                                                     list[str]]:
-        checked = [m for m in matches if needs_lung_check(self.manifests[m.plugin], attrs)]
-        if not checked:
-            return matches, []
-        try:
-            result = self.lung_check([self.instances_dir / p for p in rel_paths])
-        except ImageLoadError as exc:
-            result = LungCheck(found=False, volume_ml=0.0, reason=f"pixels unreadable ({exc})")
-        names = ", ".join(m.plugin for m in checked)
-        if result.found:
-            return matches, [f"CT pixel check for {names}: {result.reason}"]
-        return [m for m in matches if m not in checked], [f"{names} not run: CT pixel check: {result.reason}"]
-
     def route_series(self, series_id: int) -> list[int]:
         """Route one complete series: match the rules, run the pixel check, create the jobs and
         mark the series routed in one transaction, then send the tasks. Returns the job ids sent
@@ -231,7 +273,8 @@ class Router:
             series, study, rel_paths = series_and_paths(session, series_id)
         attrs = series_attrs(series, study)
         decision = match(attrs, self.rules, self.manifests)
-        matches, notes = self._pixel_checks(list(decision.matches), attrs, rel_paths)
+        matches, notes = pixel_checks(list(decision.matches), attrs, [self.instances_dir / p for p in rel_paths],
+                                      self.manifests, self.lung_check)
         if matches:
             note = "jobs: " + ", ".join(f"{m.plugin} (rule {m.rule})" for m in matches)
             note = "; ".join([note, *notes, *decision.reasons])
