@@ -309,8 +309,10 @@ def radnode_command() -> list[str]:
     return [sys.executable, "-m", "node.cli"]
 
 
-def start_radnode(procs: Processes, work: Path, receivers: int | None, database_url: str | None = None) -> Radnode:
-    """Start `radnode run` on a free loopback port; returns when it said "running" and the port answers."""
+def start_radnode(procs: Processes, work: Path, receivers: int | None, database_url: str | None = None,
+                  extra_env: dict[str, str] | None = None) -> Radnode:
+    """Start `radnode run` on a free loopback port; returns when it said "running" and the port answers.
+    `extra_env` adds or overrides settings (RADNODE_...)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RADNODE_")}  # hermetic settings
     env.update(
@@ -323,6 +325,7 @@ def start_radnode(procs: Processes, work: Path, receivers: int | None, database_
     )
     if receivers is not None:
         env["RADNODE_RECEIVERS"] = str(receivers)
+    env.update(extra_env or {})
     command = radnode_command()
     if database_url:  # e.g. a PostgreSQL database made for the run; migrated explicitly as in production
         env["RADNODE_DATABASE_URL"] = database_url

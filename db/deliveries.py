@@ -201,8 +201,8 @@ def due(session: Session, now: datetime, *, resend_seconds: float, lost_seconds:
         released.append(delivery_id)
     pending = select(Delivery.job_id).where(Delivery.state == P)
     unsettled = session.execute(
-        select(Job.id).where(Job.state == JobState.ENCODED, Job.id.in_(select(Delivery.job_id)),
-                             Job.id.not_in(pending))
+        select(Job.id).where(Job.state == JobState.ENCODED,  # from the few encoded jobs, not every delivery
+                             select(Delivery.id).where(Delivery.job_id == Job.id).exists(), Job.id.not_in(pending))
     ).scalars().all()
     for job_id in unsettled:
         settle(session, job_id, now)

@@ -71,6 +71,7 @@ class NewJob:
     queue: str
     priority: str
     destinations: list[str] | None = None  # None: every configured destination
+    not_before: datetime | None = None  # held until then (the rule's hours)
 
 
 def _insert(session: Session):
@@ -89,7 +90,7 @@ def create_jobs(session: Session, series_id: int, jobs: Sequence[NewJob], now: d
             .values(
                 series_id=series_id, plugin=job.plugin, plugin_version=job.plugin_version, rule=job.rule,
                 queue=job.queue, priority=job.priority, destinations=job.destinations, state=JobState.QUEUED,
-                attempts=0, created_at=now, updated_at=now, queued_at=now,
+                attempts=0, created_at=now, updated_at=now, queued_at=now, not_before=job.not_before,
             )
             .on_conflict_do_nothing(index_elements=["series_id", "plugin"])
             .returning(Job.id)
@@ -201,7 +202,8 @@ def recover_lost(session: Session, now: datetime, *, lost_seconds: float, resend
     resend = now - timedelta(seconds=resend_seconds)
     due = session.execute(
         select(Job.id, Job.queue, Job.priority)
-        .where(Job.state == Q, or_(Job.enqueued_at.is_(None), Job.enqueued_at < resend))
+        .where(Job.state == Q, or_(Job.enqueued_at.is_(None), Job.enqueued_at < resend),
+               or_(Job.not_before.is_(None), Job.not_before <= now))
         .order_by(Job.id)
     ).all()
     return Recovery(enqueue=[(i, q, p) for i, q, p in due], requeued=requeued, failed=failed)
@@ -263,9 +265,13 @@ def series_job(session: Session, series_id: int, plugin: str) -> Job:
     return session.execute(select(Job).where(Job.series_id == series_id, Job.plugin == plugin)).scalar_one()
 
 
-def queue_items(session: Session, job_ids: Sequence[int]) -> list[tuple[int, str, str]]:
-    """(job id, queue, priority) of these jobs: what sending their tasks needs."""
-    rows = session.execute(select(Job.id, Job.queue, Job.priority).where(Job.id.in_(list(job_ids)))).all()
+def queue_items(session: Session, job_ids: Sequence[int], now: datetime | None = None) -> list[tuple[int, str, str]]:
+    """(job id, queue, priority) of these jobs: what sending their tasks needs. With `now`, jobs held until
+    later (a rule's hours) are left out: the sweeper sends them when their time comes."""
+    q = select(Job.id, Job.queue, Job.priority).where(Job.id.in_(list(job_ids)))
+    if now is not None:
+        q = q.where(or_(Job.not_before.is_(None), Job.not_before <= now))
+    rows = session.execute(q).all()
     return [(i, q, p) for i, q, p in rows]
 
 
@@ -307,6 +313,10 @@ def job_dict(job: Job, series_uid: str, study_uid: str) -> dict[str, Any]:
         "worker": job.worker,
         "created_at": _iso(job.created_at),
         "queued_at": _iso(job.queued_at),
+        "not_before": _iso(job.not_before),
+        "revision": job.revision or 0,
+        "objects": job.objects or [],
+        "history": job.history or [],
         "started_at": _iso(job.started_at),
         "encoded_at": _iso(job.encoded_at),
         "delivered_at": _iso(job.delivered_at),
@@ -317,8 +327,12 @@ def job_dict(job: Job, series_uid: str, study_uid: str) -> dict[str, Any]:
 
 def list_jobs(session: Session, state: str | None = None, plugin: str | None = None, study_uid: str | None = None,
               limit: int = 200, since: datetime | None = None, job_id: int | None = None,
-              offset: int = 0) -> list[dict[str, Any]]:
-    """Jobs newest first with their deliveries, optionally filtered (`since`: updated at or after)."""
+              offset: int = 0, after: int | None = None) -> list[dict[str, Any]]:
+    """Jobs newest first with their deliveries, optionally filtered (`since`: updated at or after).
+
+    `after` (keyset pagination): only jobs older than this job id, i.e. the next page after a page that
+    ended with it; a deep page costs what a first page costs, and jobs created meanwhile never shift it.
+    """
     q = (
         select(Job, Series.series_uid, Study.study_uid)
         .join(Series, Job.series_id == Series.id)
@@ -330,6 +344,8 @@ def list_jobs(session: Session, state: str | None = None, plugin: str | None = N
     conditions = []
     if job_id is not None:
         conditions.append(Job.id == job_id)
+    if after is not None:
+        conditions.append(Job.id < after)
     if since is not None:
         conditions.append(Job.updated_at >= since)
     if state:
@@ -395,3 +411,30 @@ def mark_routed(session: Session, series_id: int, note: str, now: datetime) -> b
         .values(state=SeriesState.ROUTED, routed_at=now, route_note=note)
     )
     return session.execute(stmt).rowcount == 1
+
+
+def studies_to_route(session: Session, limit: int = 50) -> list[int]:
+    """Ids of complete studies waiting for the study-level rules, oldest first."""
+    return list(session.execute(
+        select(Study.id).where(Study.state == SeriesState.COMPLETE).order_by(Study.completed_at).limit(limit)
+    ).scalars())
+
+
+def study_series(session: Session, study_id: int) -> tuple[Study, list[Series]]:
+    """A study and its series (complete or routed ones: the study is complete). Raises LookupError."""
+    study = session.get(Study, study_id)
+    if study is None:
+        raise LookupError(f"no study {study_id}")
+    rows = session.execute(select(Series).where(Series.study_id == study_id).order_by(Series.id)).scalars().all()
+    return study, list(rows)
+
+
+def mark_study_routed(session: Session, study_ids: Sequence[int] | None, note: str, now: datetime) -> list[int]:
+    """complete -> routed for these studies (None: every complete study) with the note; returns the ids
+    that moved (a study reopened meanwhile stays receiving). The caller commits."""
+    q = update(Study).where(Study.state == SeriesState.COMPLETE)
+    if study_ids is not None:
+        q = q.where(Study.id.in_(list(study_ids)))
+    return list(session.execute(
+        q.values(state=SeriesState.ROUTED, routed_at=now, route_note=note).returning(Study.id)
+    ).scalars())

@@ -102,10 +102,15 @@ class Study(Base):
     last_received_at: Mapped[datetime] = mapped_column(UTCDateTime)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     reopened_count: Mapped[int] = mapped_column(Integer, default=0)
+    routed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    route_note: Mapped[str | None] = mapped_column(Text, doc="what the study-level rules did, or why not")
 
     series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
 
-    __table_args__ = (Index("ix_study_state_last", "state", "last_received_at"),)
+    __table_args__ = (
+        Index("ix_study_state_last", "state", "last_received_at"),
+        Index("ix_study_first_received", "first_received_at", "id"),  # the studies list, newest first
+    )
 
 
 class Series(Base):
@@ -125,17 +130,26 @@ class Series(Base):
     image_type: Mapped[str | None] = mapped_column(String(256))
     series_number: Mapped[int | None] = mapped_column(Integer)
     calling_ae: Mapped[str | None] = mapped_column(String(16))
+    called_ae: Mapped[str | None] = mapped_column(String(16), doc="the AE title the sender called (C-STORE)")
+    requested_priority: Mapped[str | None] = mapped_column(String(16), doc="RequestedProcedurePriority")
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     first_received_at: Mapped[datetime] = mapped_column(UTCDateTime)
     last_received_at: Mapped[datetime] = mapped_column(UTCDateTime)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     reopened_count: Mapped[int] = mapped_column(Integer, default=0)
     routed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    expected_instances: Mapped[int | None] = mapped_column(Integer, doc="configured count for its protocol")
+    completion_reason: Mapped[str | None] = mapped_column(String(160), doc="why the series was taken as complete")
     route_note: Mapped[str | None] = mapped_column(Text, doc="why the series got these jobs, or none")
+    instances_removed_at: Mapped[datetime | None] = mapped_column(
+        UTCDateTime, doc="instances received before this were removed (instance retention); the series row stays")
 
     study: Mapped[Study] = relationship(back_populates="series")
 
-    __table_args__ = (Index("ix_series_state_last", "state", "last_received_at"),)
+    __table_args__ = (
+        Index("ix_series_state_last", "state", "last_received_at"),
+        Index("ix_series_state_completed", "state", "completed_at"),  # the router's queue, oldest first
+    )
 
 
 class Instance(Base):
@@ -149,11 +163,16 @@ class Instance(Base):
     path: Mapped[str] = mapped_column(String(256))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     number_of_frames: Mapped[int | None] = mapped_column(Integer)
+    acquisition_number: Mapped[int | None] = mapped_column(Integer)
+    images_in_acquisition: Mapped[int | None] = mapped_column(Integer, doc="ImagesInAcquisition (completeness)")
     calling_ae: Mapped[str | None] = mapped_column(String(16))
     received_at: Mapped[datetime] = mapped_column(UTCDateTime)
     receive_count: Mapped[int] = mapped_column(Integer, default=1)
 
-    __table_args__ = (Index("ix_instance_series_received", "series_id", "received_at"),)
+    __table_args__ = (
+        Index("ix_instance_series_received", "series_id", "received_at"),
+        Index("ix_instance_received", "received_at", "series_id"),  # the tracker: series that got instances lately
+    )
 
 
 class Job(Base):
@@ -177,12 +196,18 @@ class Job(Base):
     warnings: Mapped[list | None] = mapped_column(JSON)
     findings: Mapped[dict | None] = mapped_column(JSON, doc="JSON summary of the plugin's Findings")
     outputs: Mapped[list | None] = mapped_column(JSON, doc="paths of the objects written for this job")
+    revision: Mapped[int] = mapped_column(Integer, default=0, server_default="0",
+                                          doc="0, then +1 each time new instances changed the series' results")
+    inputs_sha256: Mapped[str | None] = mapped_column(String(64), doc="SHA-256 of the input SOP Instance UIDs")
+    objects: Mapped[list | None] = mapped_column(JSON, doc="identities of the DICOM objects of this revision")
+    history: Mapped[list | None] = mapped_column(JSON, doc="earlier revisions: objects, times, why superseded")
     timings: Mapped[dict | None] = mapped_column(JSON, doc="seconds per stage of the last attempt")
     destinations: Mapped[list | None] = mapped_column(JSON, doc="destination names the rule chose; null = all")
     outputs_removed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, doc="outputs deleted (retention)")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    not_before: Mapped[datetime | None] = mapped_column(UTCDateTime, doc="held until then (a rule's hours)")
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime, doc="last time its task was sent")
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -192,7 +217,10 @@ class Job(Base):
 
     series: Mapped[Series] = relationship()
 
-    __table_args__ = (UniqueConstraint("series_id", "plugin", name="uq_job_series_plugin"),)
+    __table_args__ = (
+        UniqueConstraint("series_id", "plugin", name="uq_job_series_plugin"),
+        Index("ix_job_outputs_removed_updated", "outputs_removed_at", "updated_at"),  # output retention
+    )
 
 
 class Delivery(Base):

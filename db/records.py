@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, and_, func, select, update
+from sqlalchemy import Select, and_, delete, func, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from db.models import Instance, Series, SeriesState, Study
+from db.models import Delivery, DeliveryState, Instance, Job, JobState, Series, SeriesState, Study
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +37,10 @@ class ReceivedInstance:
     image_type: str | None = None
     series_number: int | None = None
     number_of_frames: int | None = None
+    requested_priority: str | None = None
+    acquisition_number: int | None = None
+    images_in_acquisition: int | None = None
+    called_ae: str | None = None
 
 
 def _insert(session: Session, table: Any):
@@ -73,6 +78,8 @@ def _ensure_series(session: Session, rec: ReceivedInstance, now: datetime) -> in
             image_type=rec.image_type,
             series_number=rec.series_number,
             calling_ae=rec.calling_ae,
+            called_ae=rec.called_ae,
+            requested_priority=rec.requested_priority,
             instance_count=0,
             first_received_at=now,
             last_received_at=now,
@@ -115,6 +122,8 @@ class InstanceRecorder:
             "path": rec.path,
             "size_bytes": rec.size_bytes,
             "number_of_frames": rec.number_of_frames,
+            "acquisition_number": rec.acquisition_number,
+            "images_in_acquisition": rec.images_in_acquisition,
             "calling_ae": rec.calling_ae,
             "received_at": now,
         }
@@ -135,11 +144,18 @@ def record_instance(session: Session, rec: ReceivedInstance, now: datetime) -> b
     return InstanceRecorder().record(session, rec, now)
 
 
-def complete_stable(session: Session, now: datetime, window_seconds: float) -> tuple[list[str], list[str]]:
+def complete_stable(session: Session, now: datetime, window_seconds: float,
+                    late_since: datetime | None = None,
+                    evidence: Callable[[Session], Collection[int]] | None = None) -> tuple[list[str], list[str]]:
     """The tracker's pass: refresh last-received times, reopen, then complete stable series/studies.
 
     - a series (and its study) that is complete or routed but received an instance after its
-      completion goes back to `receiving` and its reopen is counted;
+      completion goes back to `receiving` and its reopen is counted; with `late_since`, only series
+      that received an instance after that time are looked at (the tracker passes the time of its
+      previous pass less a margin, so a pass costs what arrived lately, not the whole history);
+    - `evidence`, when given, is called with the session once last-received times are fresh: it completes
+      the series whose headers prove them complete and returns the ids of those it holds back (the headers
+      announce more instances), which the window does not complete;
     - a receiving series completes once its newest instance is `window_seconds` old, recording
       its instance count; a study completes once all its series are complete and it is as old.
 
@@ -148,15 +164,21 @@ def complete_stable(session: Session, now: datetime, window_seconds: float) -> t
     cutoff = now - timedelta(seconds=window_seconds)
     newest = select(func.max(Instance.received_at)).where(Instance.series_id == Series.id).scalar_subquery()
     late = select(Instance.id).where(Instance.series_id == Series.id, Instance.received_at > Series.completed_at)
+    reopen = [Series.state != SeriesState.RECEIVING, late.exists()]
+    if late_since is not None:
+        reopen.append(Series.id.in_(select(Instance.series_id).where(Instance.received_at > late_since)))
     session.execute(
         update(Series)
-        .where(Series.state != SeriesState.RECEIVING, late.exists())
+        .where(*reopen)
         .values(state=SeriesState.RECEIVING, completed_at=None, reopened_count=Series.reopened_count + 1)
     )
     receiving_series = select(Series.id).where(Series.study_id == Study.id, Series.state == SeriesState.RECEIVING)
+    receiving = select(Series.study_id).where(Series.state == SeriesState.RECEIVING)
+    if late_since is not None:  # a series starts receiving with an instance: look only at those that got one lately
+        receiving = receiving.where(Series.id.in_(select(Instance.series_id).where(Instance.received_at > late_since)))
     session.execute(  # a late instance or a new series reopens its study
         update(Study)
-        .where(Study.state != SeriesState.RECEIVING, receiving_series.exists())
+        .where(Study.state != SeriesState.RECEIVING, Study.id.in_(receiving))
         .values(state=SeriesState.RECEIVING, completed_at=None, reopened_count=Study.reopened_count + 1)
     )
     session.execute(
@@ -164,12 +186,14 @@ def complete_stable(session: Session, now: datetime, window_seconds: float) -> t
         .where(Series.state == SeriesState.RECEIVING, newest.is_not(None))
         .values(last_received_at=newest)
     )
+    held = list(evidence(session)) if evidence is not None else []
     count = select(func.count(Instance.id)).where(Instance.series_id == Series.id).scalar_subquery()
     series_done = (
         session.execute(
             update(Series)
-            .where(Series.state == SeriesState.RECEIVING, Series.last_received_at <= cutoff)
-            .values(state=SeriesState.COMPLETE, completed_at=now, instance_count=count)
+            .where(Series.state == SeriesState.RECEIVING, Series.last_received_at <= cutoff, Series.id.not_in(held))
+            .values(state=SeriesState.COMPLETE, completed_at=now, instance_count=count,
+                    completion_reason=f"no new instance for {window_seconds:g} s")
             .returning(Series.series_uid)
         )
         .scalars()
@@ -194,11 +218,12 @@ def complete_stable(session: Session, now: datetime, window_seconds: float) -> t
 
 def next_stable_at(session: Session, window_seconds: float) -> datetime | None:
     """When the earliest receiving series becomes stable (its newest instance + the window), or None."""
-    newest = (
-        select(func.max(Instance.received_at).label("newest"))
-        .join(Series, Instance.series_id == Series.id)
+    newest = (  # per receiving series (the state index), its newest instance (the series' instance index)
+        select(
+            select(func.max(Instance.received_at)).where(Instance.series_id == Series.id).scalar_subquery()
+            .label("newest")
+        )
         .where(Series.state == SeriesState.RECEIVING)
-        .group_by(Series.id)
         .subquery()
     )
     earliest = session.execute(select(func.min(newest.c.newest))).scalar_one_or_none()
@@ -214,9 +239,22 @@ def series_id_of(session: Session, series_uid: str) -> int:
     return session.execute(select(Series.id).where(Series.series_uid == series_uid)).scalar_one()
 
 
-def known_paths(session: Session) -> set[str]:
-    """Relative paths of every recorded instance (for reconciling the store after a crash)."""
-    return set(session.execute(select(Instance.path)).scalars())
+def known_paths(session: Session, relative: Sequence[str]) -> set[str]:
+    """Which of these stored files (relative paths `<study>/<series>/<sop>.dcm`) have their instance row, looked
+    up by SOP Instance UID (the file name) so that reconciling costs what is on disk, not the whole history."""
+    wanted = {r.rsplit("/", 1)[-1].removesuffix(".dcm"): r for r in relative}
+    uids, known = list(wanted), set()
+    for start in range(0, len(uids), 500):
+        chunk = uids[start:start + 500]
+        rows = session.execute(
+            select(Instance.sop_instance_uid, Instance.path).where(Instance.sop_instance_uid.in_(chunk))
+        )
+        known.update(path for uid, path in rows if wanted[uid] == path)
+    return known
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
 
 
 def _studies_query(study_uid: str | None) -> Select:
@@ -225,11 +263,21 @@ def _studies_query(study_uid: str | None) -> Select:
 
 
 def list_studies(session: Session, study_uid: str | None = None, limit: int = 200, offset: int = 0,
-                 since: datetime | None = None) -> list[dict[str, Any]]:
-    """Studies with their series, state and live instance counts, newest first (`since`: received since)."""
+                 since: datetime | None = None, after: str | None = None) -> list[dict[str, Any]]:
+    """Studies with their series, state and live instance counts, newest first (`since`: received since).
+
+    `after` (keyset pagination): only the studies listed after this Study Instance UID, i.e. the next
+    page after a page that ended with it; a deep page costs what a first page costs, and studies received
+    meanwhile go in front, so pages never repeat or skip one. Raises LookupError for an unknown `after`.
+    """
     q = _studies_query(study_uid)
     if since is not None:
         q = q.where(Study.last_received_at >= since)
+    if after is not None:
+        key = session.execute(select(Study.first_received_at, Study.id).where(Study.study_uid == after)).one_or_none()
+        if key is None:
+            raise LookupError(f"no study {after} to list after")
+        q = q.where(tuple_(Study.first_received_at, Study.id) < tuple_(key[0], key[1]))
     studies = session.execute(q.limit(limit).offset(offset)).scalars().all()
     if not studies:
         return []
@@ -257,9 +305,11 @@ def list_studies(session: Session, study_uid: str | None = None, limit: int = 20
                 "first_received_at": series.first_received_at.isoformat(),
                 "last_received_at": series.last_received_at.isoformat(),
                 "completed_at": series.completed_at.isoformat() if series.completed_at else None,
+                "completion_reason": series.completion_reason,
                 "reopened_count": series.reopened_count,
                 "routed_at": series.routed_at.isoformat() if series.routed_at else None,
                 "route_note": series.route_note,
+                "instances_removed_at": _iso(series.instances_removed_at),
             }
         )
     return [
@@ -271,7 +321,58 @@ def list_studies(session: Session, study_uid: str | None = None, limit: int = 20
             "last_received_at": s.last_received_at.isoformat(),
             "completed_at": s.completed_at.isoformat() if s.completed_at else None,
             "reopened_count": s.reopened_count,
+            "routed_at": s.routed_at.isoformat() if s.routed_at else None,
+            "route_note": s.route_note,
             "series": by_study[s.id],
         }
         for s in studies
     ]
+
+
+# --- instance retention -------------------------------------------------------------------------
+
+_UNFINISHED = (JobState.QUEUED, JobState.RUNNING)
+
+
+def _removable(cutoff: datetime) -> list[Any]:
+    """A routed series whose instances may go: last received before `cutoff`, not removed since, every job
+    finished (none queued or running) and every delivery of its jobs sent."""
+    busy_job = select(Job.id).where(Job.series_id == Series.id, Job.state.in_(_UNFINISHED))
+    unsent = (
+        select(Delivery.id)
+        .join(Job, Delivery.job_id == Job.id)
+        .where(Job.series_id == Series.id, Delivery.state != DeliveryState.SENT)
+    )
+    return [
+        Series.state == SeriesState.ROUTED,
+        Series.last_received_at < cutoff,
+        or_(Series.instances_removed_at.is_(None), Series.instances_removed_at < Series.last_received_at),
+        ~busy_job.exists(),
+        ~unsent.exists(),
+    ]
+
+
+def expired_series(session: Session, cutoff: datetime, limit: int = 50, series_id: int | None = None) -> list[int]:
+    """Ids of series whose instances the retention may remove now (see `_removable`), oldest first;
+    with `series_id`, that series if it still may."""
+    q = select(Series.id).where(*_removable(cutoff))
+    if series_id is not None:
+        q = q.where(Series.id == series_id)
+    return list(session.execute(q.order_by(Series.last_received_at).limit(limit)).scalars())
+
+
+def instances_before(session: Session, series_id: int, cutoff: datetime) -> list[tuple[int, str]]:
+    """(id, relative path) of a series' instances received before `cutoff`."""
+    rows = session.execute(
+        select(Instance.id, Instance.path).where(Instance.series_id == series_id, Instance.received_at < cutoff)
+    )
+    return [(i, p) for i, p in rows]
+
+
+def remove_instances(session: Session, series_id: int, ids: list[int], now: datetime, done: bool = True) -> None:
+    """Delete these instance rows of a series (their files are gone); `done`: all of them went, so mark the
+    series (its row stays, for history). The caller commits."""
+    for start in range(0, len(ids), 500):
+        session.execute(delete(Instance).where(Instance.id.in_(ids[start:start + 500])))
+    if done:
+        session.execute(update(Series).where(Series.id == series_id).values(instances_removed_at=now))

@@ -72,6 +72,9 @@ def setup_logging(level: str = "INFO", json_lines: bool = False, salt: str = "")
     # These libraries log dataset UIDs and file names at INFO; our own lines carry hashed UIDs only.
     for name in ("highdicom", "dicomweb_client", "orthanc_api_client"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # dicomweb-client's retry wrapper logs each failed request's URL at WARNING: study UIDs, and for a
+    # prior search the PatientID in the query
+    logging.getLogger("retrying").setLevel(logging.ERROR)
 
 
 def quiet_pynetdicom() -> None:

@@ -64,6 +64,8 @@ def _create() -> SimpleNamespace:
         ),
         http=Counter("radnode_http_requests", "HTTP requests by method, route and status",
                      ["method", "route", "status"]),
+        dicom_rejected=Counter("radnode_dicom_rejected", "DICOM connections a receiver refused (limits) or "
+                               "dropped (timeouts, protocol errors), by reason", ["reason"]),
     )
 
 
@@ -93,6 +95,11 @@ def delivery_attempt(destination: str, plugin: str, result: str, seconds: float)
 
 def http_request(method: str, route: str, status: int) -> None:
     _metrics().http.labels(method, route, str(status)).inc()
+
+
+def dicom_rejected(reason: str) -> None:
+    """Count one DICOM connection refused or dropped by a receiver (reasons: node.ingest.scp.REASONS)."""
+    _metrics().dicom_rejected.labels(reason).inc()
 
 
 class JobTableCollector:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import multiprocessing as mp
 import os
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -24,6 +26,7 @@ from db.models import utcnow
 from db.records import known_paths, record_instance
 from db.session import make_engine, make_sessionmaker
 from node.dicom.header import HeaderError, read_header
+from node.ingest.completeness import ExpectedCount
 from node.ingest.ingest import to_record
 from node.ingest.scp import listen_addresses, spawn_receiver
 from node.ingest.storage import InstanceStore
@@ -31,6 +34,7 @@ from node.ingest.tracker import Tracker
 from node.metrics import enable_multiprocess
 from node.process import descendants, set_parent_death_signal
 from node.queueing.broker import BASE_QUEUES, Enqueuer, is_embedded
+from node.queueing.clock import StepWatch
 from node.queueing.sweeper import Sweeper
 from node.route.router import Router
 from node.route.rules import RulesError, RuleSet, load_rules
@@ -62,14 +66,19 @@ def prepare_database(settings: Settings, engine: Engine, auto_upgrade: bool) -> 
         raise StartupError(f"database is at revision {current}, code expects {head}: run `radnode db upgrade`")
 
 
+def _unknown_files(store: InstanceStore, sessionmaker: Any, batch: int = 1000):
+    """Stored files without an instance row, looked up a batch at a time (not the whole table at once)."""
+    files = store.iter_files()
+    while chunk := list(itertools.islice(files, batch)):
+        with sessionmaker() as session:
+            known = known_paths(session, chunk)
+        yield from (r for r in chunk if r not in known)
+
+
 def reconcile(store: InstanceStore, sessionmaker: Any) -> int:
     """Record every stored file that has no row (a crash between rename and commit). Returns the count."""
-    with sessionmaker() as session:
-        known = known_paths(session)
     added = 0
-    for relative in store.iter_files():
-        if relative in known:
-            continue
+    for relative in _unknown_files(store, sessionmaker):
         path = store.path(relative)
         try:
             header = read_header(path)
@@ -145,10 +154,15 @@ class Node:
         if s.http_port:
             self.api = spawn_api(s, self._ready)
             self._wait_ready({"api"})
-        self.tracker = Tracker(self.sessionmaker, s.stable_seconds, min(s.sweep_seconds, s.stable_seconds / 2))
+        self.tracker = Tracker(self.sessionmaker, s.stable_seconds, min(s.sweep_seconds, s.stable_seconds / 2),
+                               settle_seconds=s.settle_seconds, max_wait_seconds=s.max_wait_seconds,
+                               expected=[ExpectedCount(re.compile(e.match, re.IGNORECASE), e.count)
+                                         for e in s.expected_counts])
         self.enqueuer = Enqueuer(s)
-        self.router = Router(self.sessionmaker, self.rules, self.discovery.manifests, self.enqueuer, s.instances_dir)
+        self.router = Router(self.sessionmaker, self.rules, self.discovery.manifests, self.enqueuer, s.instances_dir,
+                             stat_called_aes=s.stat_called_ae_titles)
         self.sweeper = Sweeper(self.sessionmaker, self.enqueuer, s)
+        self.clock = StepWatch(self.sessionmaker)
         if s.embedded_worker:
             self._start_worker()
         if s.watch_orthanc is not None:
@@ -259,6 +273,7 @@ class Node:
 
     def pipeline_once(self) -> None:
         """Complete stable series, route them to jobs. Raises SQLAlchemyError when the database is down."""
+        self.clock.check()  # a step of the wall clock first: the tracker compares stamps
         self.tracker.sweep()
         self.router.route_pending()
 
@@ -276,6 +291,7 @@ class Node:
                 if time.monotonic() >= next_purge:
                     next_purge = time.monotonic() + 300
                     self.sweeper.purge_outputs()
+                    self.sweeper.purge_instances()
                 wait = self.tracker.wait_seconds()
             except SQLAlchemyError:
                 log.exception("pipeline pass failed (database); retrying")

@@ -35,6 +35,22 @@ class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ExpectedCountSetting(_Config):
+    """The number of instances series of a protocol have (completeness by evidence)."""
+
+    match: str = Field(min_length=1, description="regex searched in ProtocolName and SeriesDescription, any case")
+    count: int = Field(ge=1, le=1_000_000)
+
+    @field_validator("match")
+    @classmethod
+    def _regex(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"bad regex {value!r}: {exc}") from None
+        return value
+
+
 class Peer(_Config):
     """A DICOM node we know by its AE title (for "return to sender")."""
 
@@ -196,6 +212,13 @@ class Settings(BaseSettings):
         120.0, ge=0, le=3600, description="POST /v1/infer answers with the results if done within this time"
     )
     stable_seconds: float = Field(30.0, gt=0, description="series/study stability window in seconds")
+    settle_seconds: float = Field(1.0, ge=0, description="a series whose headers prove it complete is taken "
+                                  "once nothing arrived for this long (instead of the stability window)")
+    max_wait_seconds: float = Field(600.0, gt=0, description="a series whose headers show instances still to come "
+                                    "waits up to this long after its last instance, then is taken as it is")
+    expected_counts: list[ExpectedCountSetting] = Field(
+        [], description='instance counts per protocol, e.g. [{"match": "thorax 1.25", "count": 300}]: a series whose '
+        "ProtocolName or SeriesDescription matches (regex, any case) is complete at that count")
     allowed_aes: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="calling AE titles allowed to associate; empty = accept all"
     )
@@ -213,8 +236,26 @@ class Settings(BaseSettings):
         description="DICOM receiver processes sharing the port",
     )
     max_pdu: int = Field(0, ge=0, description="maximum PDU we accept (0 = unlimited)")
+    dicom_associate_timeout: float = Field(
+        10.0, gt=0, le=600, description="seconds a new DICOM connection has for its TLS handshake and its complete "
+        "A-ASSOCIATE-RQ; then it is closed"
+    )
+    dicom_idle_timeout: float = Field(
+        60.0, gt=0, le=3600, description="seconds an association may stay silent (or stop inside a PDU); then it "
+        "is aborted"
+    )
+    dicom_max_associations: int = Field(
+        64, ge=1, le=4096, description="connections one receiver process serves at once (associating or "
+        "associated); more are closed at once"
+    )
+    dicom_max_per_source: int = Field(
+        32, ge=1, le=4096, description="connections one receiver process serves at once from one source address"
+    )
     sweep_seconds: float = Field(0.25, gt=0, description="how often the tracker looks for stable series")
     rules_file: Path | None = Field(None, description="routing rules YAML; default: the packaged default rules")
+    stat_called_ae_titles: list[str] = Field(
+        ["RADNODE_STAT"], description="called AE titles that make a series' jobs urgent (priority stat), e.g. a "
+        "second AE title the PACS sends urgent studies to; RequestedProcedurePriority STAT or HIGH does the same")
     embedded_worker: bool = Field(True, description="`radnode run` also starts a worker process (off in production)")
     worker_concurrency: int = Field(1, ge=1, le=64, description="processes of the embedded worker")
     stop_grace_seconds: float = Field(30.0, ge=0, description="on stop, how long the embedded worker may finish "
@@ -237,6 +278,9 @@ class Settings(BaseSettings):
         default_factory=list, description="where results go (JSON list in RADNODE_DESTINATIONS)"
     )
     peers: list[Peer] = Field(default_factory=list, description="known DICOM nodes by AE title (return to sender)")
+    priors_source: str | None = Field(
+        None, description="the destination (kind dicom: C-FIND + C-GET; dicomweb: QIDO-RS + WADO-RS) where plugins "
+        "that compare with earlier exams find the patient's prior studies; unset: no priors")
     watch_orthanc: WatchOrthanc | None = Field(
         None, description="pull studies from this Orthanc when they become stable (JSON in RADNODE_WATCH_ORTHANC)"
     )
@@ -245,6 +289,10 @@ class Settings(BaseSettings):
     delivery_backoff_max_seconds: float = Field(600.0, gt=0, description="longest wait between two tries")
     output_retention_days: float = Field(
         7.0, ge=0, description="days outputs are kept after a job is finished (0 = keep for ever)"
+    )
+    instance_retention_days: float = Field(
+        0.0, ge=0, description="days received instances (files and rows) are kept after their series was last "
+        "received, once every job of the series is finished and every delivery sent (0 = keep for ever)"
     )
     log_json: bool = Field(False, description="log as JSON lines")
     log_level: str = Field("INFO")
@@ -286,6 +334,12 @@ class Settings(BaseSettings):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"destination names must be unique: {', '.join(duplicates)} used more than once")
+        if self.priors_source is not None:
+            kinds = {d.name: d.kind for d in self.destinations}
+            if kinds.get(self.priors_source) not in ("dicom", "dicomweb"):
+                known = ", ".join(n for n, k in kinds.items() if k in ("dicom", "dicomweb")) or "none"
+                raise ValueError(f"priors_source {self.priors_source!r} must name a destination of kind dicom or "
+                                 f"dicomweb (configured: {known})")
         aes = [p.ae_title for p in self.peers]
         if len(set(aes)) != len(aes):
             raise ValueError("peers: each AE title may be listed once")

@@ -56,6 +56,14 @@ class SeriesSelection(_Model):
     min_slices: int = Field(1, ge=1)
 
 
+class PriorsSpec(_Model):
+    """A plugin that compares with earlier exams: radnode finds the patient's earlier studies of the same
+    modality in the PACS (RADNODE_PRIORS_SOURCE) and hands them over in `Image.priors`, newest first."""
+
+    within_days: int = Field(730, ge=1, le=36500, description="how far back to look")
+    max_studies: int = Field(1, ge=1, le=5)
+
+
 class Manifest(_Model):
     """What a plugin is, as data. Registered under the entry-point group `radnode.plugins`."""
 
@@ -74,6 +82,7 @@ class Manifest(_Model):
         None, description="weights file under <models dir>/<name>/ (safetensors, TorchScript, ONNX); None = none"
     )
     reference_only: bool = Field(False, description="a template/test plugin: never routed by default rules")
+    priors: PriorsSpec | None = Field(None, description="the patient's earlier studies this plugin compares with")
     config: dict[str, Any] = Field(
         default_factory=dict,
         description="architecture and preprocessing as JSON values; <models dir>/<name>/config.json overrides keys",
@@ -193,6 +202,17 @@ class Image:
     body_parts: frozenset[str] = frozenset()
     warnings: tuple[str, ...] = ()
     attrs: dict[str, Any] = field(default_factory=dict)
+    priors: tuple[Prior, ...] = ()  # earlier studies, newest first (only for a manifest that asks: `priors`)
+
+
+@dataclass(frozen=True)
+class Prior:
+    """An earlier study of the same patient: its series loaded like the current one, and when it was made."""
+
+    study_uid: str
+    study_date: str | None  # YYYY-MM-DD
+    days_before: int | None
+    image: Image
 
 
 # --- what a plugin returns -----------------------------------------------------------------------

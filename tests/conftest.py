@@ -22,6 +22,17 @@ IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 PG_ADMIN_URL = os.environ.get("RADNODE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
+def _head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    from db.migrate import alembic_config
+
+    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
+HEAD_REVISION = _head_revision()
+
+
 def _data_root() -> Path:
     return Path(os.environ.get("RADNODE_TEST_DATA", REPO.parent / "shared" / "data")).resolve()
 
@@ -227,7 +238,7 @@ def start_node(tmp_path: Path, db_url: str):
     def _start(data_dir: Path | None = None, **settings: str) -> NodeProcess:
         node = NodeProcess(data_dir or tmp_path / "data", db_url, **settings)
         if db_url.startswith("postgresql"):  # production databases are migrated explicitly
-            assert "database at revision 0004" in node.cli("db", "upgrade").stdout
+            assert f"database at revision {HEAD_REVISION}" in node.cli("db", "upgrade").stdout
         nodes.append(node)
         return node.start()
 

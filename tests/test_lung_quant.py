@@ -392,3 +392,55 @@ def test_other_images_are_not_applicable():
                      modality="CT", direction=((0, 1, 0), (0, 0, -1), (-1, 0, 0)),
                      sources=tuple(SourceRef(f"1.2.{i + 1}", "1.2.840.10008.5.1.4.1.1.2") for i in range(20)))
     assert "axial" in plugin.run(sagittal).not_applicable
+
+
+# --- comparison with a prior study ---------------------------------------------------------------------------
+
+
+def test_change_since_a_prior_study_is_measured_and_encoded(ph, tmp_path: Path):
+    """The prior is the same chest without emphysema (every voxel below -950 HU raised to -900): the lungs
+    keep their volume and LAA-950 rises by the current LAA-950 since then. SR and findings carry both."""
+    from dataclasses import replace
+
+    from plugins.base import Prior
+    from plugins.lung_quant import LAA_950_CHANGE, VOLUME_CHANGE
+
+    _, case = ph
+    prior_pixels = np.where(case.image.pixels < -950, -900.0, case.image.pixels).astype(np.float32)
+    prior = Prior("1.2.826.0.1.3680043.8.498.1", "2025-06-01", 200, replace(case.image, pixels=prior_pixels))
+    plugin = build(MANIFEST)
+    findings = plugin.run(replace(case.image, priors=(prior,)))
+    change = {m.concept: m for m in findings.measurements if m.concept in (VOLUME_CHANGE, LAA_950_CHANGE)}
+    assert change[VOLUME_CHANGE].unit == "mL" and abs(change[VOLUME_CHANGE].value) < 0.02 * case.value(
+        "volume", BOTH_LUNGS)  # the same lungs, segmented again with different air inside
+    assert change[LAA_950_CHANGE].value == pytest.approx(case.value("laa", BOTH_LUNGS), abs=0.05)
+    assert change[LAA_950_CHANGE].value > 1
+    assert "since the prior of 2025-06-01" in findings.summary
+    assert MANIFEST.priors is not None and MANIFEST.priors.max_studies == 1
+    out = write(Case(case.paths, replace(case.image, priors=(prior,)), findings, 0.0), tmp_path / "out")
+    sr_path = next(p for p in out if p.name == "SR.dcm")
+    assert_valid(sr_path)
+    codes = {str(item.ConceptNameCodeSequence[0].CodeValue) for item in _walk(pydicom.dcmread(sr_path))}
+    assert {"LUNGVOLCHG", "LAA950CHG"} <= codes
+    # without a prior nothing is compared and nothing is invented
+    assert not any(m.concept in (VOLUME_CHANGE, LAA_950_CHANGE) for m in case.findings.measurements)
+
+
+def test_a_prior_without_lungs_is_a_warning_not_a_number(ph):
+    from dataclasses import replace
+
+    from plugins.base import Prior
+    from plugins.lung_quant import LAA_950_CHANGE, VOLUME_CHANGE
+
+    _, case = ph
+    water = replace(case.image, pixels=np.zeros_like(case.image.pixels))
+    findings = build(MANIFEST).run(replace(case.image, priors=(Prior("1.2.3", "2025-01-01", 300, water),)))
+    assert not any(m.concept in (VOLUME_CHANGE, LAA_950_CHANGE) for m in findings.measurements)
+    assert any(w.startswith("prior study of 2025-01-01 not compared") for w in findings.warnings)
+
+
+def _walk(ds):
+    for item in ds.get("ContentSequence", []):
+        if "ConceptNameCodeSequence" in item:
+            yield item
+        yield from _walk(item)

@@ -86,7 +86,7 @@ def test_rules_test_json_with_a_rules_file_and_calling_ae(ct_dir: Path, tmp_path
     assert by_rule["thin-slices"] == {"rule": "thin-slices", "matched": False,
                                       "failed": ["SliceThickness is 5.0, wanted <= 1"], "plugins": [], "left_out": []}
     assert series["queued"] == [{"plugin": "lung-quant", "rule": "axial-chest", "queue": "cpu.nightly",
-                                 "priority": "stat", "destinations": []}]
+                                 "priority": "stat", "destinations": [], "hours": None, "urgent": None}]
 
 
 def test_rules_test_refuses_bad_input_clearly(tmp_path: Path):
@@ -117,3 +117,33 @@ def test_the_dashboard_shows_the_routing_of_a_stored_study(node):  # noqa: F811
     assert "Would queue now" in page and "<p>nothing</p>" in page
     assert node.client.get("/studies/1.2.3.999/routing").status_code == 404
     assert node.client.get("/studies/not-a-uid/routing").status_code == 422
+
+
+def test_rules_test_shows_the_study_level_rules(ct_dir: Path, tmp_path: Path):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("""
+rules:
+  - name: thinnest-chest
+    level: study
+    when: {Modality: CT, BodyPart: CHEST}
+    select: thinnest
+    plugins: [lung-quant]
+  - name: needs-two
+    level: study
+    when: {Modality: CT}
+    require: [{SeriesDescription: {regex: mediastin}}]
+    plugins: [lung-quant]
+""")
+    r = rules_test(str(ct_dir), "--rules", str(rules), "--json", tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    [series] = out["series"]
+    assert series["queued"] == []  # no series-level rule
+    [study] = out["studies"]
+    thinnest, needs = study["rules"]
+    assert thinnest["matched"] and [c["series_uid"] for c in thinnest["chosen"]] == [series["series_uid"]]
+    assert thinnest["chosen"][0]["queued"][0]["plugin"] == "lung-quant"
+    assert not needs["matched"] and needs["missing"] == ["series with SeriesDescription /mediastin/"]
+    text = rules_test(str(ct_dir), "--rules", str(rules), tmp_path=tmp_path).stdout
+    assert "rule needs-two: no match: waiting for series with SeriesDescription /mediastin/" in text
+    assert "rule thinnest-chest: would queue lung-quant on cpu (routine) for series" in text

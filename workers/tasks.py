@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import signal
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +24,11 @@ from node import metrics
 from node.dispatch.dispatcher import Dispatcher
 from node.logs import job_context, uid_hash
 from node.pipeline.inference import load_plugin
+from node.pipeline.prior_images import Gathered, gather_priors
 from node.pipeline.run import run_series
 from node.process import set_parent_death_signal
 from node.queueing.broker import TASK_DISPATCH, TASK_INFER, Enqueuer
-from node.results.common import warm_up
+from node.results.common import ObjectRef, warm_up
 from node.settings import Settings, load_settings
 from plugins.base import Manifest, Plugin, WeightsUnavailable
 from plugins.registry import Discovery, discover, unavailable_reason
@@ -117,9 +120,19 @@ class WorkerRuntime:
             "BodyPartExamined": series.body_part_examined, "StudyDescription": study.study_description,
             "SeriesDescription": series.series_description, "ProtocolName": series.protocol_name,
         }
+        revision = Revision.of(row, rel_paths)
+        meta: dict[str, Any] = {"job_id": job_id}
+        gathered = Gathered()
+        if manifest.priors is not None and rel_paths:
+            t = time.perf_counter()
+            gathered = gather_priors(self.settings, manifest, stored / rel_paths[0])
+            timings["priors"] = round(time.perf_counter() - t, 3)
+            meta["priors"] = gathered.used
         result = run_series(plugin, manifest, self.settings, [stored / p for p in rel_paths], descriptions,
-                            series.series_uid, self.settings.outputs_dir / str(job_id), sha, meta={"job_id": job_id},
-                            paths_by_uid={Path(p).stem: stored / p for p in rel_paths})
+                            series.series_uid, self.settings.outputs_dir / str(job_id), sha, meta=meta,
+                            paths_by_uid={Path(p).stem: stored / p for p in rel_paths}, revision=revision.number,
+                            predecessors=revision.predecessors, priors=gathered.priors)
+        result.warnings = list(dict.fromkeys([*gathered.warnings, *result.warnings]))
         timings |= result.timings
         common: dict[str, Any] = {"weights_sha256": sha}
         if result.state == "failed":
@@ -137,9 +150,14 @@ class WorkerRuntime:
                          findings=findings, timings=timings, **common)
             return JobState.SKIPPED
         timings |= {f"encode:{kind}": seconds for kind, seconds in result.encode_parts.items()}
+        if revision.superseded:
+            log.info("job %d: the series changed after revision %d; revision %d supersedes it", job_id,
+                     revision.number - 1, revision.number)
         with self.maker.begin() as session:
             done = jobs.transition(session, job_id, R, JobState.ENCODED, warnings=result.warnings, findings=findings,
-                                   outputs=[str(p) for p in result.outputs], timings=timings, **common)
+                                   outputs=[str(p) for p in result.outputs], timings=timings,
+                                   revision=revision.number, inputs_sha256=revision.inputs_sha256,
+                                   objects=[o.to_json() for o in result.objects], history=revision.history, **common)
             names = self.destination_names(row["destinations"])
             delivery_ids = deliveries.prepare(session, job_id, names, utcnow()) if done else []
         if not done:
@@ -165,6 +183,31 @@ class WorkerRuntime:
 
     def dispatch(self, delivery_id: int) -> str:
         return self.dispatcher.run(delivery_id)
+
+
+@dataclass(frozen=True)
+class Revision:
+    """Which result revision a run makes. The same inputs as the last encoded run give the same revision (and
+    so the same UIDs); new inputs after objects were made give the next one, whose SR names the last SR."""
+
+    number: int
+    inputs_sha256: str
+    predecessors: tuple[ObjectRef, ...]
+    history: list[dict[str, Any]]
+    superseded: bool
+
+    @classmethod
+    def of(cls, row: Any, rel_paths: list[str]) -> Revision:
+        digest = hashlib.sha256("\n".join(sorted(Path(p).stem for p in rel_paths)).encode()).hexdigest()
+        history = list(row["history"] or [])
+        number = row["revision"] or 0
+        changed = bool(row["objects"]) and row["inputs_sha256"] not in (None, digest)
+        if changed:
+            history.append({"revision": number, "objects": row["objects"], "inputs_sha256": row["inputs_sha256"],
+                            "superseded_at": utcnow().isoformat(), "reason": "new instances in the series"})
+            number += 1
+        last = history[-1]["objects"] if number and history else []
+        return cls(number, digest, tuple(ObjectRef.from_json(o) for o in last), history, changed)
 
 
 _runtime: WorkerRuntime | None = None

@@ -203,8 +203,10 @@ def refresh_seconds(request: Request) -> int:
 def overview(request: Request, state: Annotated[str, Query(max_length=16)] = "",
              plugin: Annotated[str, Query(max_length=64)] = "",
              study: Annotated[str, Query(max_length=64)] = "",
-             limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> Response:
-    """Jobs (newest first, filtered by state, plugin and study) and studies, workers alive and plugins."""
+             limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+             after: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None) -> Response:
+    """Jobs (newest first, filtered by state, plugin and study; `after`: the page of jobs older than that id) and
+    studies, workers alive and plugins."""
     from db.jobs import list_jobs
     from db.records import list_studies
 
@@ -219,7 +221,8 @@ def overview(request: Request, state: Annotated[str, Query(max_length=16)] = "",
         problems.append("study is not a valid DICOM UID: not filtered by study")
         study = ""
     with request.app.state.sessionmaker() as session:
-        jobs = list_jobs(session, state=state or None, plugin=plugin or None, study_uid=study or None, limit=limit)
+        jobs = list_jobs(session, state=state or None, plugin=plugin or None, study_uid=study or None, limit=limit,
+                         after=after)
         studies = list_studies(session, study or None, limit=50)
     plugins = plugin_rows(request)
     context = {
@@ -227,8 +230,17 @@ def overview(request: Request, state: Annotated[str, Query(max_length=16)] = "",
         "states": list(JobState), "plugin_names": sorted({p["name"] for p in plugins} | {j["plugin"] for j in jobs}),
         "filters": {"state": state, "plugin": plugin, "study": study}, "problems": problems,
         "refresh": refresh_seconds(request), "can_retry": can_retry, "stage_timings": stage_timings,
+        "older": older_page(request, jobs, limit),
     }
     return page(request, "overview.html", context)
+
+
+def older_page(request: Request, jobs: list[dict[str, Any]], limit: int) -> str | None:
+    """The link to the next page of jobs (keyset: `after` the last one shown), or None after a short page."""
+    if len(jobs) < limit:
+        return None
+    query = [(k, v) for k, v in request.query_params.multi_items() if k not in (*FLASH_KEYS, "after")]
+    return "/?" + urlencode([*query, ("after", str(jobs[-1]["id"]))])
 
 
 @router.get("/jobs/{job_id}")

@@ -24,9 +24,13 @@ class SeriesOut(_Out):
     first_received_at: str
     last_received_at: str
     completed_at: str | None
+    completion_reason: str | None = Field(None, description="why it was taken as complete (window or evidence)")
     reopened_count: int
     routed_at: str | None
     route_note: str | None = Field(description="why the series got these jobs, or none")
+    instances_removed_at: str | None = Field(
+        None, description="its instances received before this were removed (instance retention); `instances` counts "
+        "those left")
 
 
 class StudyOut(_Out):
@@ -37,6 +41,8 @@ class StudyOut(_Out):
     last_received_at: str
     completed_at: str | None
     reopened_count: int
+    routed_at: str | None = Field(None, description="when the study-level rules were applied")
+    route_note: str | None = Field(None, description="what the study-level rules did, or why not")
     series: list[SeriesOut]
 
 
@@ -75,6 +81,10 @@ class JobOut(_Out):
     worker: str | None
     created_at: str | None
     queued_at: str | None
+    not_before: str | None = Field(None, description="held until then by its rule's hours")
+    revision: int = Field(0, description="0, then +1 each time new instances in the series superseded the results")
+    objects: list[dict[str, str]] = Field([], description="the DICOM objects of this revision (kind and UIDs)")
+    history: list[dict[str, Any]] = Field([], description="earlier revisions: objects, superseded_at, reason")
     started_at: str | None
     encoded_at: str | None
     delivered_at: str | None

@@ -16,7 +16,7 @@ from node.api.dashboard import login_redirect, page, viewer
 from node.dicom.header import is_valid_uid
 from node.route.router import series_attrs
 from node.route.rules import RulesError, load_rules
-from node.route.tester import series_report
+from node.route.tester import series_report, study_reports
 from plugins.registry import unavailable_reason
 
 router = APIRouter(include_in_schema=False)
@@ -48,8 +48,11 @@ def routing_page(request: Request, study_uid: Annotated[str, PathParam(max_lengt
         attrs = replace(series_attrs(series, study), slice_count=len(rel_paths))  # the count is set on completion
         report = series_report(attrs, series.series_uid, series.series_number,
                                [s.instances_dir / p for p in rel_paths], rules, manifests,
-                               unavailable=lambda m: unavailable_reason(m, s.models_path))
+                               unavailable=lambda m: unavailable_reason(m, s.models_path),
+                               stat_called_aes=s.stat_called_ae_titles)
         reports.append((report, series.state, series.route_note))
-    context = {"who": who, "study": found[0], "reports": reports,
+    studies = study_reports([r for r, _, _ in reports], [found[0]["study_uid"]] * len(reports), rules, manifests,
+                            s.stat_called_ae_titles)
+    context = {"who": who, "study": found[0], "reports": reports, "study_checks": studies[0] if studies else None,
                "rules_source": str(s.rules_file or "the default rules"), "rule_count": len(rules.rules)}
     return page(request, "routing.html", context)

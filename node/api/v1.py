@@ -36,15 +36,23 @@ def _aware(value: datetime | None) -> datetime | None:
     return value
 
 
-@router.get("/studies", response_model=list[StudyOut], tags=["studies"])
+@router.get("/studies", response_model=list[StudyOut], tags=["studies"], responses={422: {}})
 def studies(request: Request, _: Reader, limit: Limit = 100, offset: Offset = 0,
             since: Annotated[datetime | None, Query(description="received at or after (ISO 8601 with zone)")] = None,
+            after: Annotated[str | None, Query(max_length=64, description="the next page: studies listed after this "
+                                               "Study Instance UID (the last of the previous page)")] = None,
             ) -> list[dict[str, Any]]:
-    """Received studies with their series, state and instance counts, newest first."""
+    """Received studies with their series, state and instance counts, newest first. Page with `after` (the
+    last study UID of the previous page): a deep page is as fast as the first; `offset` still works."""
     from db.records import list_studies
 
+    if after is not None and not is_valid_uid(after):
+        raise HTTPException(422, "after is not a valid DICOM UID")
     with _session(request) as session:
-        return list_studies(session, limit=limit, offset=offset, since=_aware(since))
+        try:
+            return list_studies(session, limit=limit, offset=offset, since=_aware(since), after=after)
+        except LookupError:
+            raise HTTPException(422, "after: no such study") from None
 
 
 @router.get("/studies/{study_uid}", response_model=StudyOut, tags=["studies"], responses={404: {}, 422: {}})
@@ -66,13 +74,17 @@ def jobs(request: Request, _: Reader, state: JobState | None = None,
          plugin: Annotated[str | None, Query(max_length=64)] = None,
          study_uid: Annotated[str | None, Query(max_length=64)] = None,
          since: Annotated[datetime | None, Query(description="changed at or after (ISO 8601 with zone)")] = None,
-         limit: Limit = 100, offset: Offset = 0) -> list[dict[str, Any]]:
-    """Jobs newest first, filtered by state, plugin, study or time of the last change."""
+         limit: Limit = 100, offset: Offset = 0,
+         after: Annotated[int | None, Query(ge=1, le=2**63 - 1, description="the next page: jobs older than this "
+                                            "job id (the last of the previous page)")] = None,
+         ) -> list[dict[str, Any]]:
+    """Jobs newest first, filtered by state, plugin, study or time of the last change. Page with `after` (the
+    last job id of the previous page): a deep page is as fast as the first; `offset` still works."""
     from db.jobs import list_jobs
 
     with _session(request) as session:
         return list_jobs(session, state=state, plugin=plugin, study_uid=study_uid, since=_aware(since), limit=limit,
-                         offset=offset)
+                         offset=offset, after=after)
 
 
 def job_or_404(request: Request, job_id: int) -> dict[str, Any]:

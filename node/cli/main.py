@@ -156,29 +156,36 @@ def studies(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     study: Annotated[str | None, typer.Option(help="only this Study Instance UID")] = None,
     limit: Annotated[int, typer.Option(min=1)] = 200,
+    after: Annotated[str | None, typer.Option(help="the next page: studies listed after this Study Instance UID")]
+    = None,
 ) -> None:
-    """List received studies with their series, state and instance counts."""
+    """List received studies with their series, state and instance counts, newest first."""
     from db.records import list_studies
 
     with open_db()() as session:
-        rows = list_studies(session, study, limit)
+        try:
+            rows = list_studies(session, study, limit, after=after)
+        except LookupError as exc:
+            console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(1) from None
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table("study", "series", "modality", "instances", "state", "description", "routing", box=None)
+    table = Table("study", "series", "modality", "instances", "state", "description", "complete because", "routing",
+                  box=None)
     for st in rows:
-        table.add_row(st["study_uid"], "", "", "", st["state"], st["study_description"] or "", "")
+        table.add_row(st["study_uid"], "", "", "", st["state"], st["study_description"] or "", "", "")
         for se in st["series"]:
             table.add_row(
                 "", se["series_uid"], se["modality"] or "", str(se["instances"]), se["state"],
-                se["series_description"] or "", se["route_note"] or "",
+                se["series_description"] or "", se.get("completion_reason") or "", se["route_note"] or "",
             )
     _wide_console().print(table)
 
 
 def _wide_console() -> Console:
     out = Console()
-    out.width = max(out.width, 220)  # UIDs are shown whole, also when piped
+    out.width = max(out.width, 300)  # UIDs are shown whole, also when piped
     return out
 
 
@@ -228,6 +235,7 @@ def jobs(
     plugin: Annotated[str | None, typer.Option(help="only this plugin's jobs")] = None,
     study: Annotated[str | None, typer.Option(help="only this Study Instance UID")] = None,
     limit: Annotated[int, typer.Option(min=1)] = 200,
+    after: Annotated[int | None, typer.Option(min=1, help="the next page: jobs older than this job id")] = None,
 ) -> None:
     """List jobs, newest first: plugin, state, attempts, warnings, error, outputs."""
     if ctx.invoked_subcommand is not None:
@@ -235,7 +243,7 @@ def jobs(
     from db.jobs import list_jobs
 
     with open_db()() as session:
-        rows = list_jobs(session, state=state, plugin=plugin, study_uid=study, limit=limit)
+        rows = list_jobs(session, state=state, plugin=plugin, study_uid=study, limit=limit, after=after)
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -845,6 +853,7 @@ def rules_test(
                                                    help="rules file (default: RADNODE_RULES_FILE or the default rules)")
                           ] = None,
     calling_ae: Annotated[str | None, typer.Option("--calling-ae", help="as if sent by this AE title")] = None,
+    called_ae: Annotated[str | None, typer.Option("--called-ae", help="as if sent to this AE title")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Show what the routing rules would do with these files, without storing or sending anything.
@@ -867,18 +876,21 @@ def rules_test(
         raise typer.Exit(2) from None
     try:
         with input_files(path) as files:
-            reports, refused = dry_run(files, rules, manifests, calling_ae,
-                                       unavailable=lambda m: unavailable_reason(m, s.models_path))
+            reports, refused, studies = dry_run(files, rules, manifests, calling_ae,
+                                       unavailable=lambda m: unavailable_reason(m, s.models_path),
+                                       called_ae=called_ae, stat_called_aes=s.stat_called_ae_titles)
     except InferError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from None
     if as_json:
-        print(json.dumps({"series": [r.to_json() for r in reports],
+        print(json.dumps({"series": [r.to_json() for r in reports], "studies": [s.to_json() for s in studies],
                           "refused": [{"file": str(f.path), "reason": f.reason} for f in refused]}, indent=2))
     else:
         print(f"rules: {len(rules.rules)} from {rules_file or s.rules_file or 'the default rules'}")
         for r in reports:
             _print_series_report(r)
+        for st in studies:
+            _print_study_report(st)
         for f in refused[:20]:
             print(f"refused {f.path}: {f.reason}")
         if len(refused) > 20:
@@ -886,6 +898,19 @@ def rules_test(
     if not reports:
         console.print(f"[red]{path}: no DICOM series found ({len(refused)} other file(s))[/red]")
         raise typer.Exit(1)
+
+
+def _print_study_report(st) -> None:
+    print(f"\nstudy {st.study_uid}: study-level rules")
+    for c in st.checks:
+        if c.missing:
+            print(f"  rule {c.rule}: no match: waiting for {'; '.join(c.missing)}")
+        for sid, ms in c.chosen:
+            for m in ms:
+                print(f"  rule {c.rule}: would queue {m.plugin} on {m.queue} ({m.priority}) for series "
+                      f"{st.series_uids[sid]}")
+        for sid, plugin, why in c.left_out:
+            print(f"  rule {c.rule}: {plugin} left out on series {st.series_uids[sid]}: {why}")
 
 
 def _print_series_report(r) -> None:
@@ -908,7 +933,8 @@ def _print_series_report(r) -> None:
         print("  would queue: nothing")
     for m in r.queued:
         dests = "all destinations" if m.destinations is None else ", ".join(m.destinations) or "no destination"
-        print(f"  would queue: {m.plugin} on {m.queue} ({m.priority}, rule {m.rule}) -> {dests}")
+        extra = "".join([f", stat: {m.urgent}" if m.urgent else "", f", within hours {m.hours}" if m.hours else ""])
+        print(f"  would queue: {m.plugin} on {m.queue} ({m.priority}, rule {m.rule}{extra}) -> {dests}")
 
 
 @db_app.command("upgrade")

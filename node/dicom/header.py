@@ -59,6 +59,9 @@ class InstanceHeader:
     image_type: str | None
     series_number: int | None
     number_of_frames: int | None
+    requested_priority: str | None = None
+    acquisition_number: int | None = None
+    images_in_acquisition: int | None = None
 
 
 def _text(ds: Dataset, keyword: str, limit: int = 256) -> str | None:
@@ -113,4 +116,24 @@ def read_header(source: bytes | Path) -> InstanceHeader:
         image_type=_text(ds, "ImageType"),
         series_number=_number(ds, "SeriesNumber", int),
         number_of_frames=_number(ds, "NumberOfFrames", int),
+        requested_priority=_requested_priority(ds),
+        acquisition_number=_number(ds, "AcquisitionNumber", int),
+        images_in_acquisition=_positive(_number(ds, "ImagesInAcquisition", int)),
     )
+
+
+def _positive(value: int | float | None) -> int | None:
+    return int(value) if value is not None and 0 < value < 2**31 else None
+
+
+def _requested_priority(ds: Dataset) -> str | None:
+    """RequestedProcedurePriority (STAT, HIGH, ROUTINE, MEDIUM, LOW), at the top level or in the first
+    item of the Request Attributes Sequence where modalities copy the order's attributes."""
+    value = _text(ds, "RequestedProcedurePriority", 16)
+    if value is None:
+        try:
+            items = ds.get("RequestAttributesSequence") or []
+            value = _text(items[0], "RequestedProcedurePriority", 16) if len(items) else None
+        except Exception:  # a malformed optional sequence must not reject the instance
+            value = None
+    return value.upper() if value else None

@@ -38,12 +38,14 @@ class Stored:
         return self.status == Status.SUCCESS
 
 
-def to_record(header: InstanceHeader, path: str, size_bytes: int, calling_ae: str | None) -> ReceivedInstance:
+def to_record(header: InstanceHeader, path: str, size_bytes: int, calling_ae: str | None,
+              called_ae: str | None = None) -> ReceivedInstance:
     """The job-table record of a stored instance."""
     return ReceivedInstance(
         path=path,
         size_bytes=size_bytes,
         calling_ae=calling_ae,
+        called_ae=called_ae,
         **{f.name: getattr(header, f.name) for f in fields(header)},
     )
 
@@ -59,12 +61,14 @@ class Ingest:
         self.max_bytes = settings.max_instance_bytes
 
     def store(self, data: bytes, calling_ae: str | None, *, source: str, study_uid: str | None = None,
-              sop_class_uid: str | None = None, sop_instance_uid: str | None = None) -> Stored:
-        """Store one encoded instance (with file meta) offered by `source` (a ROUTES key).
+              sop_class_uid: str | None = None, sop_instance_uid: str | None = None,
+              called_ae: str | None = None) -> Stored:
+        """Store one encoded instance (with file meta) offered by `source` (a ROUTES key); `called_ae` is
+        the AE title a C-STORE sender called (rules may route and prioritise by it).
 
         `study_uid` refuses an instance of another study (STOW-RS to a study URL, a pull of one study);
         `sop_class_uid`/`sop_instance_uid` refuse a data set that differs from its C-STORE request."""
-        stored = self._store(data, calling_ae, study_uid, sop_class_uid, sop_instance_uid)
+        stored = self._store(data, calling_ae, study_uid, sop_class_uid, sop_instance_uid, called_ae)
         self._count(source, calling_ae, stored.status, len(data))
         if not stored.ok:
             log.warning("%s refused: %s", ROUTES.get(source, source), stored.reason)
@@ -77,7 +81,7 @@ class Ingest:
         return Stored(status, reason)
 
     def _store(self, data: bytes, calling_ae: str | None, study_uid: str | None, sop_class_uid: str | None,
-               sop_instance_uid: str | None) -> Stored:
+               sop_instance_uid: str | None, called_ae: str | None = None) -> Stored:
         if len(data) > self.max_bytes:
             return Stored(Status.TOO_LARGE, "instance larger than the configured maximum")
         try:
@@ -93,9 +97,10 @@ class Ingest:
             return Stored(Status.SOP_CLASS_MISMATCH, "SOPClassUID differs from the C-STORE request", header)
         if sop_instance_uid is not None and header.sop_instance_uid != sop_instance_uid:
             return Stored(Status.SOP_CLASS_MISMATCH, "SOPInstanceUID differs from the C-STORE request", header)
-        return self.persist(header, data, calling_ae)
+        return self.persist(header, data, calling_ae, called_ae)
 
-    def persist(self, header: InstanceHeader, data: bytes, calling_ae: str | None) -> Stored:
+    def persist(self, header: InstanceHeader, data: bytes, calling_ae: str | None,
+                called_ae: str | None = None) -> Stored:
         """Durable write, then the row; a status for every failure."""
         try:
             relative = self.instances.write(header, data)
@@ -107,7 +112,7 @@ class Ingest:
         except OSError:
             log.exception("instance not stored: could not write the file")
             return Stored(Status.OUT_OF_RESOURCES, "not stored: could not write the file", header)
-        rec = to_record(header, relative, len(data), calling_ae)
+        rec = to_record(header, relative, len(data), calling_ae, called_ae)
         try:
             with self.sessionmaker.begin() as session:
                 new = self.recorder.record(session, rec, utcnow())

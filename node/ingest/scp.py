@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+import gc
 import logging
 import multiprocessing as mp
 import os
+import queue
+import selectors
 import signal
 import socket
 import ssl
@@ -12,12 +16,16 @@ import threading
 import time
 from typing import Any
 
+import pynetdicom._config
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from db.session import make_engine, make_sessionmaker
+from node import metrics
 from node.dicom.status import Status
 from node.ingest.ingest import Ingest
 from node.ingest.storage import InstanceStore
@@ -57,7 +65,7 @@ class Receiver:
         else:
             request = event.request
             stored = self.ingest.store(data, calling, source="dimse", sop_class_uid=request.AffectedSOPClassUID,
-                                       sop_instance_uid=request.AffectedSOPInstanceUID)
+                                       sop_instance_uid=request.AffectedSOPInstanceUID, called_ae=_called(event))
         return stored.status if stored.ok else _status(stored.status, stored.reason)
 
     def handle_association(self, event: evt.Event) -> None:
@@ -65,9 +73,268 @@ class Receiver:
         log.info("association from AE %s (%s)", event.assoc.requestor.ae_title, event.assoc.requestor.address)
 
 
+def _called(event: evt.Event) -> str | None:
+    """The AE title the sender called (A-ASSOCIATE-RQ), e.g. RADNODE_STAT for urgent studies."""
+    primitive = event.assoc.requestor.primitive
+    title = getattr(primitive, "called_ae_title", None) if primitive is not None else None
+    return (title.strip() or None) if isinstance(title, str) else None
+
+
+#: short reasons for what a receiver refuses or drops (`radnode_dicom_rejected_total{reason}`)
+REASONS = {
+    "per_source_limit": "too many connections from this address",
+    "total_limit": "too many connections",
+    "associate_timeout": "no complete association request in time",
+    "idle_timeout": "association idle too long",
+    "tls_handshake": "TLS handshake failed",
+    "oversize_pdu": "PDU longer than allowed",
+    "truncated_pdu": "connection closed inside a PDU",
+    "unknown_pdu_type": "unknown PDU type",
+    "malformed_pdu": "PDU cannot be decoded",
+    "unexpected_pdu": "PDU not allowed in this state",
+    "protocol_version": "unsupported protocol version",
+    "malformed_dimse": "DIMSE message cannot be decoded",
+    "association_rejected": "association request rejected",
+    "evicted": "sent nothing, closed to make room at a limit",
+    "protocol_error": "protocol error",
+}
+# pynetdicom's ERROR lines about what a peer sent (checked against pynetdicom 3.0.4: dul.py, fsm.py, dimse.py,
+# association.py) -> our reason; anything else said in a connection's threads is a "protocol_error"
+_PYNETDICOM_FAULTS = (
+    ("Unknown PDU type", "unknown_pdu_type"),
+    ("The received PDU is shorter", "truncated_pdu"),
+    ("Connection closed before the entire PDU", "truncated_pdu"),
+    ("Unable to decode the received PDU", "malformed_pdu"),
+    ("Invalid event", "unexpected_pdu"),
+    ("A-ASSOCIATE-RQ: Unsupported protocol version", "protocol_version"),
+    ("Received an invalid DIMSE message", "malformed_dimse"),
+    ("the action 'DT-2'", "malformed_dimse"),  # P-DATA whose command set cannot be read
+    ("Invalid", "malformed_pdu"),  # a field of a PDU or item (AE title, UID, item type...)
+    ("codec can't decode", "malformed_pdu"),  # text that is not ASCII where DICOM wants it
+    ("Network timeout reached", "idle_timeout"),
+)
+GC_SECONDS = 30.0  # pynetdicom's listener collects garbage (association threads) at most this often
+EVICT_SECONDS = 1.0  # at a limit, a connection silent this long since it was accepted makes room for a new one
+REAP_SECONDS = 0.2  # how often a listener looks for finished, silent or stuck connections
+LIMIT_LOG_SECONDS = 10.0  # one WARNING per source address and limit in this time; the metric counts every one
+FAULT_CLOSE_SECONDS = 1.0  # a connection with a fault is closed this long after it (the peer may read the A-ABORT)
+CONTROL_PDU_MAX = 1024**2  # longest A-ASSOCIATE / A-RELEASE / A-ABORT PDU we read; real ones are a few kB
+
+
+class _Connection:
+    """One accepted TCP connection of a listener: its peer address, socket, age and how it went."""
+
+    def __init__(self, host: str, sock: socket.socket) -> None:
+        self.host, self.sock = host, sock
+        self.accepted = time.monotonic()
+        self.assoc: Association | None = None
+        self.requested = False  # a complete A-ASSOCIATE-RQ arrived
+        self.waiting = False  # admitted, waiting for its first bytes (no thread yet)
+        self.faulted = 0.0
+        self.woken = False
+        self.reason: str | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def over(self) -> bool:
+        """The connection is closed, evicted, or its upper layer has stopped (it frees its slot at once)."""
+        if self.sock.fileno() == -1 or self.reason == "evicted":
+            return True
+        dul = self.assoc.dul if self.assoc is not None else None
+        return dul is not None and dul.ident is not None and not dul.is_alive()
+
+    def fault(self, reason: str) -> None:
+        """Record why this connection is refused or dropped: one WARNING and one count per connection."""
+        with self._lock:
+            if self.reason is not None:
+                return
+            self.reason, self.faulted = reason, time.monotonic()
+        log.warning("DICOM connection from %s dropped: %s (%s)", self.host, REASONS[reason], reason)
+        metrics.dicom_rejected(reason)
+
+
+def _hang_up(sock: socket.socket) -> None:
+    """End a connection another thread may be reading from: shutdown wakes that read (close would not)."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+_connections: dict[Association, _Connection] = {}  # this process's acceptor associations -> their connection
+
+
+def _current_connection() -> _Connection | None:
+    thread = threading.current_thread()
+    assoc = thread if isinstance(thread, Association) else getattr(thread, "assoc", None)
+    return _connections.get(assoc) if assoc is not None else None
+
+
+class _PeerFaults(logging.Filter):
+    """On pynetdicom's loggers in a receiver: an ERROR inside a connection's threads is about what the peer
+    sent (or failed to send): it becomes that connection's one WARNING, and the line and its traceback are
+    dropped; a WARNING there (a quirk worked around) becomes a DEBUG line. Failures of our own event handlers
+    stay ERROR lines with their traceback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._ours = threading.local()  # a handler failed: its traceback (the next record) passes too
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        conn = _current_connection()
+        if conn is None:
+            return True
+        text = record.getMessage()
+        if "handler" in text:
+            self._ours.traceback_next = True
+            return True
+        if record.exc_info and getattr(self._ours, "traceback_next", False):
+            self._ours.traceback_next = False
+            return True
+        if record.levelno < logging.ERROR:  # a quirk pynetdicom works around (a VM, a name): not a fault
+            log.debug("DICOM connection from %s: pynetdicom: %s", conn.host, _printable(text))
+            return False
+        if conn.reason is None:
+            reason = next((r for words, r in _PYNETDICOM_FAULTS if words in text), "protocol_error")
+            conn.fault(reason)
+            log.debug("DICOM connection from %s: pynetdicom: %s", conn.host, _printable(text))
+        return False
+
+
+def _printable(text: str) -> str:
+    """The first line of a message about peer data, short and without control characters."""
+    return (text.splitlines() or [""])[0][:200].encode("ascii", "backslashreplace").decode()
+
+
+def _thread_died(args: Any) -> None:
+    """threading.excepthook: pynetdicom 3.0.4 re-raises an exception of a state machine action (e.g. a command
+    set it cannot read, fsm.StateMachine.do_action), which ends the connection's DUL thread; that is the
+    peer's fault like the line logged before it. Exceptions in other threads go to the default hook."""
+    thread = args.thread
+    conn = _connections.get(thread if isinstance(thread, Association) else getattr(thread, "assoc", None))
+    if conn is None:
+        _default_excepthook(args)
+        return
+    conn.fault("protocol_error")
+    log.debug("DICOM connection from %s: its %s thread ended: %s: %s", conn.host, type(thread).__name__,
+              args.exc_type.__name__, _printable(str(args.exc_value)))
+
+
+_default_excepthook = threading.excepthook
+
+
+def quiet_peer_faults() -> None:
+    """Install _PeerFaults on every pynetdicom logger and _thread_died as the thread exception hook of this
+    process (receiver processes only)."""
+    peer_faults = _PeerFaults()
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if name.startswith("pynetdicom") and isinstance(logger, logging.Logger):
+            logger.addFilter(peer_faults)
+    threading.excepthook = _thread_died
+    # pynetdicom's "standard" handlers only write DEBUG lines that quiet_pynetdicom drops, and in 3.0.4 the one
+    # for received PDUs raises on an A-ASSOCIATE-RQ without a User Information item: bind none
+    pynetdicom._config.LOG_HANDLER_LEVEL = "none"
+
+
+# --- pynetdicom internals -----------------------------------------------------------------------------------
+# Every use of pynetdicom's internals is in this section (besides the log texts in _PYNETDICOM_FAULTS and the
+# state machine's re-raise that _thread_died expects); checked against PYNETDICOM_CHECKED, which
+# tests/test_listener.py compares with the installed version so that an upgrade re-checks them.
+PYNETDICOM_CHECKED = "3.0.4"
+
+
+class _BoundedReads(AssociationSocket):
+    """An AssociationSocket that refuses to read a PDU longer than its type allows, instead of buffering
+    whatever length the peer declares (up to 4 GiB). Checked against pynetdicom 3.0.4, where
+    DULServiceProvider._read_pdu_data reads the 6-byte PDU header with recv(6), then the body with
+    recv(length); an OSError from the second read closes the connection (Evt17)."""
+
+    pdata_max = 0  # set per listener
+    _pdu_type = 0
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if nr_bytes == 6:
+            data = super().recv(6)
+            self._pdu_type = data[0] if data else 0
+            return data
+        limit = self.pdata_max if self._pdu_type == 0x04 else CONTROL_PDU_MAX
+        if nr_bytes > limit:
+            conn = _connections.get(self.assoc)
+            if conn is not None:
+                conn.fault("oversize_pdu")
+            raise OSError(f"PDU of {nr_bytes} bytes, limit {limit}")
+        return super().recv(nr_bytes)
+
+
+class _Contexts(list):
+    """The listener's supported presentation contexts. pynetdicom 3.0.4 deep-copies them for every connection
+    (RequestHandler._create_association): ~0.1 s of CPU for every storage class x every transfer syntax, spent
+    on every connection that sends a byte. The UIDs are immutable strings: a copy needs new context objects
+    and new transfer syntax lists only."""
+
+    def __deepcopy__(self, memo: dict) -> list[PresentationContext]:
+        out = []
+        for cx in self:
+            twin = copy.copy(cx)
+            twin._transfer_syntax = list(cx._transfer_syntax)
+            out.append(twin)
+        return out
+
+
+class _Handler(RequestHandler):
+    """pynetdicom's request handler; each association reads through _BoundedReads and is linked to its
+    connection before it starts."""
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        assoc.dul.socket.__class__ = _BoundedReads  # type: ignore[union-attr]
+        assoc.dul.socket.pdata_max = self.server.pdata_max  # type: ignore[union-attr,attr-defined]
+        self.server.attach(assoc)  # type: ignore[attr-defined]
+        return assoc
+
+
+def _end_wait_for_request(assoc: Association) -> None:
+    """pynetdicom's acceptor waits for the A-ASSOCIATE indication for the whole ACSE timeout, even once the
+    connection is gone (Association.run_reactor; the state machine's AA-5 gives it nothing): an empty
+    indication ends that wait the way the timeout does."""
+    assoc.dul.to_user_queue.put(None)  # type: ignore[arg-type]
+
+
+# --- the listener ----------------------------------------------------------------------------------------
+
+
 class _SharedPortServer(ThreadedAssociationServer):
-    """pynetdicom's server with SO_REUSEPORT (several receiver processes share one port),
-    TCP_NODELAY on every accepted socket, and a bounded TLS handshake."""
+    """pynetdicom's server with SO_REUSEPORT (several receiver processes share one port), TCP_NODELAY on every
+    accepted socket, and defences against hostile and broken traffic:
+
+    - limits of connections per source address and in total, checked in the accept loop (over a limit: closed
+      at once, a WARNING per address and limit every LIMIT_LOG_SECONDS);
+    - a watcher thread that holds admitted connections until their first byte (no thread, no association for
+      a scan or a silent peer), closes them after the associate timeout, and reaps (_reap);
+    - the TLS handshake in the connection's own thread, bounded by the associate timeout;
+    - a socket timeout (the idle timeout), so that a peer silent inside a PDU cannot hold a thread;
+    - one WARNING and one count per connection for what the peer got wrong (_PeerFaults, _on_transition)."""
+
+    request_queue_size = 256  # the accept backlog (socketserver's default, 5, drops bursts of connections)
+
+    def __init__(self, *args: Any, settings: Settings, **kwargs: Any) -> None:
+        self.limits = settings
+        # a P-DATA-TF PDU is at most what we announced (with some slack: pynetdicom never enforced it, and some
+        # senders round up), or with no limit announced, the largest instance
+        self.pdata_max = settings.max_pdu + 65536 if settings.max_pdu else settings.max_instance_bytes + CONTROL_PDU_MAX
+        self._conns: dict[socket.socket, _Connection] = {}
+        self._conns_lock = threading.Lock()
+        self._local = threading.local()
+        self._refusals: dict[tuple[str, str], tuple[float, int]] = {}
+        self._stopped = threading.Event()
+        self._next_gc = time.monotonic() + GC_SECONDS
+        self._arrivals: queue.SimpleQueue[tuple[socket.socket, Any]] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = socket.socketpair()
+        super().__init__(*args, request_handler=_Handler, **kwargs)
+        self.contexts = _Contexts(self.contexts)
+        self.bind(evt.EVT_REQUESTED, self._on_requested)
+        self.bind(evt.EVT_FSM_TRANSITION, self._on_transition)
+        threading.Thread(target=self._watch, name=f"scp-watch-{self.server_address[1]}", daemon=True).start()
 
     def server_bind(self) -> None:
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -76,16 +343,236 @@ class _SharedPortServer(ThreadedAssociationServer):
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = self.socket.accept()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.ssl_context:
-            client.settimeout(30)
-            try:
-                client = self.ssl_context.wrap_socket(client, server_side=True)
-            except (OSError, ssl.SSLError):
-                log.warning("TLS handshake failed from %s", address[0])
-                client.close()
-                raise
-            client.settimeout(None)
+        client.settimeout(self.limits.dicom_idle_timeout)  # no recv/send blocks longer than this
         return client, address
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Admit a connection within the limits (per source address, total), else close it at once. At a limit,
+        a connection that has sent nothing for EVICT_SECONDS makes room first (the oldest one of the address
+        holding the most connections): silent connections never keep a talking client out."""
+        host = client_address[0]
+        with self._conns_lock:
+            live = [c for c in self._conns.values() if not c.over]
+            same = [c for c in live if c.host == host]
+            if len(live) >= self.limits.dicom_max_associations:
+                full, reason, limit = live, "total_limit", self.limits.dicom_max_associations
+            elif len(same) >= self.limits.dicom_max_per_source:
+                full, reason, limit = same, "per_source_limit", self.limits.dicom_max_per_source
+            else:
+                full = []
+            victim = self._victim(full) if full else None
+            if not full or victim is not None:
+                self._conns[request] = _Connection(host, request)
+        if not full:
+            return True
+        if victim is not None:
+            victim.reason = "evicted"
+            _hang_up(victim.sock)  # the watcher sees its end and closes it
+            self._refused(victim.host, "evicted", len(full), limit)
+            return True
+        self._refused(host, reason, len(full), limit)
+        return False
+
+    def _victim(self, conns: list[_Connection]) -> _Connection | None:
+        """The connection to close to make room: silent for EVICT_SECONDS, of the busiest address, oldest."""
+        now = time.monotonic()
+        silent = [c for c in conns if c.waiting and c.reason is None and now - c.accepted >= EVICT_SECONDS]
+        if not silent:
+            return None
+        per_host: dict[str, int] = {}
+        for c in conns:
+            per_host[c.host] = per_host.get(c.host, 0) + 1
+        return min(silent, key=lambda c: (-per_host[c.host], c.accepted))
+
+    def _refused(self, host: str, reason: str, count: int, limit: int) -> None:
+        """Count a connection refused (or evicted) at a limit; log it once per address, reason and
+        LIMIT_LOG_SECONDS, with how many more there were in between."""
+        metrics.dicom_rejected(reason)
+        now = time.monotonic()
+        last, more = self._refusals.get((host, reason), (0.0, 0))
+        if now - last < LIMIT_LOG_SECONDS:
+            self._refusals[(host, reason)] = (last, more + 1)
+            return
+        self._refusals[(host, reason)] = (now, 0)
+        since = f"; {more} more since the last line" if more else ""
+        if reason == "evicted":
+            log.warning("DICOM connection from %s closed to make room: it sent nothing for %.0f s, %d connections "
+                        "open, limit %d per receiver (evicted)%s", host, EVICT_SECONDS, count, limit, since)
+            return
+        where = "from this address" if reason == "per_source_limit" else "in all"
+        log.warning("DICOM connection from %s refused: %d connections open %s, limit %d per receiver (%s)%s",
+                    host, count, where, limit, reason, since)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Hand an admitted connection to the watcher: no thread and no association until its first bytes."""
+        self._arrivals.put((request, client_address))
+        self._wake_w.send(b"\0")
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        conn_key = request
+        with self._conns_lock:
+            conn = self._conns.get(conn_key)
+        self._local.conn = conn
+        try:
+            if self.ssl_context and conn is not None:
+                request = self._handshake(request, conn)
+                if request is None:
+                    return
+            super().process_request_thread(request, client_address)
+        finally:
+            self._local.conn = None
+            if conn is not None and (conn.assoc is None or conn.assoc.ident is None):  # no association started
+                with self._conns_lock:
+                    self._conns.pop(conn_key, None)
+                _connections.pop(conn.assoc, None)  # type: ignore[arg-type]
+
+    def _handshake(self, request: socket.socket, conn: _Connection) -> ssl.SSLSocket | None:
+        """TLS in the connection's own thread (never in the accept loop), bounded by the associate timeout."""
+        assert self.ssl_context is not None
+        request.settimeout(self.limits.dicom_associate_timeout)
+        try:
+            tls = self.ssl_context.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
+            conn.sock = tls
+            tls.do_handshake()
+        except (OSError, ssl.SSLError):
+            conn.fault("tls_handshake")
+            self.shutdown_request(conn.sock)
+            return None
+        tls.settimeout(self.limits.dicom_idle_timeout)
+        return tls
+
+    def attach(self, assoc: Association) -> None:
+        """Link a new acceptor association to its connection (in the connection's thread, before it starts)."""
+        conn = self._local.conn
+        if conn is not None:
+            conn.assoc = assoc
+            _connections[assoc] = conn
+
+    def _on_requested(self, event: evt.Event) -> None:
+        conn = _connections.get(event.assoc)
+        if conn is not None:
+            conn.requested = True
+
+    def _on_transition(self, event: evt.Event) -> None:
+        """Client faults pynetdicom handles without a log line: a PDU other than A-ASSOCIATE-RQ on a new
+        connection (AA-1 from Sta2), a PDU not allowed in the state (AA-8), no A-ASSOCIATE-RQ before the
+        ARTIM timer (AA-2 on Evt18 in Sta2), and the association rejected (AE-8)."""
+        action = event.action
+        if action not in ("AA-1", "AA-2", "AA-8", "AE-8"):
+            return
+        conn = _connections.get(event.assoc)
+        if conn is None:
+            return
+        if action == "AE-8":
+            conn.fault("association_rejected")
+        elif action == "AA-2":
+            if event.current_state == "Sta2" and event.fsm_event == "Evt18":
+                conn.fault("associate_timeout")
+        elif action == "AA-8" or event.current_state == "Sta2":
+            conn.fault("unexpected_pdu")
+
+    def _watch(self) -> None:
+        """The listener's watcher thread: waits for the first bytes of admitted connections (a port scan or a
+        health check that closes without sending anything never gets a thread or an association; a silent
+        connection costs no thread), then starts the connection's thread; and reaps (see _reap)."""
+        waiting = selectors.DefaultSelector()
+        waiting.register(self._wake_r, selectors.EVENT_READ)
+        next_reap = 0.0
+        while not self._stopped.is_set():
+            try:
+                next_reap = self._watch_once(waiting, next_reap)
+            except Exception:  # the watcher must outlive any one connection
+                log.exception("DICOM listener: watching connections failed")
+                self._stopped.wait(REAP_SECONDS)
+        for key in list(waiting.get_map().values()):
+            if key.fileobj is not self._wake_r:
+                self.shutdown_request(key.fileobj)
+        waiting.close()
+
+    def _watch_once(self, waiting: selectors.BaseSelector, next_reap: float) -> float:
+        """One round: start threads for connections whose first bytes came, take new arrivals, reap."""
+        for key, _ in waiting.select(REAP_SECONDS):
+            if key.fileobj is self._wake_r:
+                self._wake_r.recv(4096)
+                continue
+            waiting.unregister(key.fileobj)
+            with self._conns_lock:
+                self._conns[key.fileobj].waiting = False
+            self._first_bytes(key.fileobj, key.data)
+        while not self._arrivals.empty():
+            request, client_address = self._arrivals.get()
+            with self._conns_lock:
+                self._conns[request].waiting = True
+            waiting.register(request, selectors.EVENT_READ, client_address)
+        if time.monotonic() >= next_reap:
+            next_reap = time.monotonic() + REAP_SECONDS
+            self._reap(waiting)
+        return next_reap
+
+    def _first_bytes(self, request: socket.socket, client_address: Any) -> None:
+        """A waiting connection became readable: bytes (start its thread) or its end (close it)."""
+        try:
+            closed = not request.recv(1, socket.MSG_PEEK)
+        except OSError:
+            closed = True
+        if closed:
+            log.debug("DICOM connection from %s closed before sending anything", client_address[0])
+            self.shutdown_request(request)
+            with self._conns_lock:
+                self._conns.pop(request, None)
+            return
+        super().process_request(request, client_address)  # socketserver.ThreadingMixIn: a thread for it
+
+    def _reap(self, waiting: selectors.BaseSelector) -> None:
+        """Close connections without a complete A-ASSOCIATE-RQ after the associate timeout, let the threads of
+        closed connections go, and forget connections whose threads have ended."""
+        now = time.monotonic()
+        with self._conns_lock:
+            conns = list(self._conns.items())
+        for key, conn in conns:
+            assoc = conn.assoc
+            if conn.waiting and now - conn.accepted > self.limits.dicom_associate_timeout:
+                conn.waiting = False
+                waiting.unregister(key)
+                conn.fault("associate_timeout")
+                self.shutdown_request(key)
+                with self._conns_lock:
+                    self._conns.pop(key, None)
+            elif conn.over:
+                if assoc is not None and not conn.requested and not conn.woken and assoc.is_alive():
+                    conn.woken = True
+                    _end_wait_for_request(assoc)
+            elif conn.reason is not None and now - conn.faulted > FAULT_CLOSE_SECONDS:
+                # after a fault pynetdicom sends an A-ABORT and may then wait inside a read for the rest of a
+                # PDU that never comes (the ARTIM timer cannot fire there): end it
+                _hang_up(conn.sock)
+            elif not conn.requested and now - conn.accepted > self.limits.dicom_associate_timeout:
+                conn.fault("associate_timeout")
+                _hang_up(conn.sock)
+            if assoc is not None and assoc.ident is not None and not assoc.is_alive():
+                if conn.sock.fileno() != -1:  # pynetdicom closes it; this is the backstop against a leak
+                    self.shutdown_request(conn.sock)
+                with self._conns_lock:
+                    self._conns.pop(key, None)
+                _connections.pop(assoc, None)
+        for key, (last, _) in list(self._refusals.items()):
+            if now - last >= LIMIT_LOG_SECONDS:
+                del self._refusals[key]
+
+    def service_actions(self) -> None:
+        """Called by serve_forever every round. pynetdicom 3.0.4 runs gc.collect() every 60 rounds, which in
+        a flood of connections is every 60 connections: here at most every GC_SECONDS."""
+        if time.monotonic() >= self._next_gc:
+            self._next_gc = time.monotonic() + GC_SECONDS
+            gc.collect()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.exception("DICOM connection from %s: unexpected error", client_address[0])
+
+    def shutdown(self) -> None:
+        self._stopped.set()
+        self._wake_w.send(b"\0")
+        super().shutdown()
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext:
@@ -125,11 +612,13 @@ def build_ae(settings: Settings) -> AE:
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
-    ae.maximum_associations = 64
+    # our listener enforces the limits (per source, total) before a thread starts; pynetdicom's own count of
+    # association threads includes those finishing, so it only backs ours up
+    ae.maximum_associations = 2 * settings.dicom_max_associations
     ae.maximum_pdu_size = settings.max_pdu
-    ae.network_timeout = 60
-    ae.dimse_timeout = 60
-    ae.acse_timeout = 30
+    ae.network_timeout = settings.dicom_idle_timeout  # an association with no PDU this long is aborted
+    ae.dimse_timeout = settings.dicom_idle_timeout
+    ae.acse_timeout = settings.dicom_associate_timeout  # ARTIM: the A-ASSOCIATE-RQ must come within this
     if settings.allowed_aes:
         ae.require_calling_aet = list(settings.allowed_aes)
     return ae
@@ -160,6 +649,7 @@ def start_servers(settings: Settings, receiver: Receiver) -> tuple[AE, list[Thre
             evt_handlers=handlers,
             ssl_context=tls_context(settings) if tls else None,
             server_class=_SharedPortServer,
+            settings=settings,
         )
         thread = threading.Thread(target=server.serve_forever, name=f"scp-{port}", daemon=True)
         thread.start()
@@ -189,6 +679,7 @@ def receiver_main(settings_data: dict[str, Any], index: int, ready: Any, node_pi
     settings = Settings(**settings_data)
     setup_logging(settings.log_level, settings.log_json, settings.uid_hash_salt.get_secret_value())
     tighten_polling()
+    quiet_peer_faults()
     store = InstanceStore(settings.instances_dir, settings.tmp_dir, settings.min_free_bytes)
     engine = make_engine(settings.db_url)
     receiver = Receiver(Ingest(settings, make_sessionmaker(engine), store))

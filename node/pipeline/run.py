@@ -14,10 +14,10 @@ from pydicom import dcmread
 
 from node.dicom.bodypart import normalise_body_part
 from node.imaging import ImageLoadError, load_image
-from node.results.common import Provenance
-from node.results.outputs import read_sources, write_outputs
+from node.results.common import ObjectRef, Provenance
+from node.results.outputs import object_refs, read_sources, write_outputs
 from node.settings import Settings
-from plugins.base import Findings, Image, Manifest, Plugin
+from plugins.base import Findings, Image, Manifest, Plugin, Prior
 
 State = Literal["inferred", "encoded", "not-applicable", "failed"]
 Step = Literal["image", "model", "encode"]
@@ -47,6 +47,7 @@ class SeriesResult:
     findings: Findings | None = None
     warnings: list[str] = field(default_factory=list)
     outputs: list[Path] = field(default_factory=list)
+    objects: list[ObjectRef] = field(default_factory=list)  # the DICOM objects among the outputs
     timings: dict[str, float] = field(default_factory=dict)
     encode_parts: dict[str, float] = field(default_factory=dict)
 
@@ -56,17 +57,18 @@ class SeriesResult:
 
 
 def run_model(plugin: Plugin, manifest: Manifest, files: Sequence[Path], descriptions: Mapping[str, str | None],
-              step: Callable[[str], None] = _quiet) -> SeriesResult:
+              step: Callable[[str], None] = _quiet, priors: Sequence[Prior] = ()) -> SeriesResult:
     """Load the series image and run the plugin on it (state inferred, not-applicable or failed).
 
     `descriptions`: BodyPartExamined, StudyDescription, SeriesDescription, ProtocolName (any may be None),
-    from which the image's body parts are normalised. `step` is told what starts. Never raises for bad
-    input or a failing plugin: the result says why.
+    from which the image's body parts are normalised. `step` is told what starts. `priors` (earlier
+    studies, for a manifest that asks) ride along in `Image.priors`. Never raises for bad input or a failing
+    plugin: the result says why.
     """
     step("loading the image")
     t = time.perf_counter()
     try:
-        image = _load_series_image(files, manifest, descriptions)
+        image = dataclasses.replace(_load_series_image(files, manifest, descriptions), priors=tuple(priors))
     except ImageLoadError as exc:
         return SeriesResult("failed", f"image load: {exc}", "image")
     except Exception as exc:
@@ -89,15 +91,18 @@ def run_model(plugin: Plugin, manifest: Manifest, files: Sequence[Path], descrip
 def run_series(plugin: Plugin, manifest: Manifest, settings: Settings, files: Sequence[Path],
                descriptions: Mapping[str, str | None], series_uid: str, out_dir: Path, weights_sha: str | None, *,
                meta: Mapping[str, Any] | None = None, paths_by_uid: Mapping[str, Path] | None = None,
-               step: Callable[[str], None] = _quiet) -> SeriesResult:
+               step: Callable[[str], None] = _quiet, revision: int = 0,
+               predecessors: Sequence[ObjectRef] = (), priors: Sequence[Prior] = ()) -> SeriesResult:
     """Load, run and encode one series: SEG/SR/SC and findings.json in `out_dir` (state encoded,
     not-applicable or failed), with provenance from the settings.
 
     `meta` leads findings.json's run description (plugin, version, weights SHA-256, source instances);
-    `paths_by_uid` maps SOP Instance UIDs to `files` (read from the headers when not given). Never raises
+    `paths_by_uid` maps SOP Instance UIDs to `files` (read from the headers when not given). `revision` > 0
+    makes new UIDs for a series that changed after its earlier results, and the SR names `predecessors`
+    (the earlier SR) in its Predecessor Documents Sequence. Never raises
     for bad input, a failing plugin or an encoder error: the result says why.
     """
-    result = run_model(plugin, manifest, files, descriptions, step)
+    result = run_model(plugin, manifest, files, descriptions, step, priors)
     if result.state != "inferred":
         return result
     assert result.image is not None and result.findings is not None
@@ -111,9 +116,11 @@ def run_series(plugin: Plugin, manifest: Manifest, settings: Settings, files: Se
                     "weights_sha256": weights_sha, "source_instances": len(result.image.sources)}
         prov = Provenance(manifest=manifest, manufacturer=settings.manufacturer, model_name=settings.model_name,
                           device_serial_number=settings.device_serial_number,
-                          institution_name=settings.institution_name)
+                          institution_name=settings.institution_name, revision=revision,
+                          predecessors=tuple(predecessors))
         outputs = write_outputs(result.findings, result.image, read_sources(result.image, paths_by_uid), prov,
                                 series_uid, out_dir, document, settings.sc_max_images, result.encode_parts)
+        result.objects = object_refs(outputs)
     except Exception as exc:
         return result._failed("encode", exc)
     result.timings["encode"] = round(time.perf_counter() - t, 3)

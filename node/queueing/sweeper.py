@@ -1,5 +1,6 @@
 """Sweep step: the job table, not the broker, is the truth — resend lost tasks, requeue runs whose worker
-died, send deliveries that are due (first try or retry), and remove outputs past their retention."""
+died, send deliveries that are due (first try or retry), and remove outputs and received instances past their
+retention."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import deliveries
 from db.jobs import Recovery, expired_outputs, mark_enqueued, mark_outputs_removed, recover_lost
 from db.models import utcnow
+from db.records import expired_series, instances_before, remove_instances
 from node.queueing.broker import Enqueuer
 from node.settings import Settings
 
@@ -92,3 +94,56 @@ class Sweeper:
         if removed:
             log.info("removed the outputs of %d job(s) past %g day(s) of retention", len(removed), days)
         return removed
+
+    def purge_instances(self, now: datetime | None = None, limit: int = 50) -> list[int]:
+        """Remove the received instances (files, then rows) of series last received longer ago than the
+        instance retention, once every job of the series is finished and every delivery sent; the series
+        and study rows stay (marked `instances_removed_at`). Returns the series ids done."""
+        days = self.settings.instance_retention_days
+        if days <= 0:
+            return []
+        now = now or utcnow()
+        cutoff = now - timedelta(days=days)
+        with self.maker() as session:
+            candidates = expired_series(session, cutoff, limit)
+        done = []
+        for series_id in candidates:
+            with self.maker() as session:  # checked again just before the files go
+                if not expired_series(session, cutoff, 1, series_id):
+                    continue
+                instances = instances_before(session, series_id, cutoff)
+            gone, failed = self._remove_files([p for _, p in instances])
+            paths = {p: i for i, p in instances}
+            with self.maker.begin() as session:
+                remove_instances(session, series_id, [paths[p] for p in gone], now, done=not failed)
+            if failed:
+                log.error("series %d: %d instance file(s) could not be removed; trying again later", series_id,
+                          len(failed))
+                continue
+            log.info("series %d: removed %d instance(s) past %g day(s) of retention", series_id, len(gone), days)
+            done.append(series_id)
+        return done
+
+    def _remove_files(self, relative: list[str]) -> tuple[list[str], list[str]]:
+        """Unlink instance files (gone already counts as removed), then their emptied series and study folders.
+        Returns (removed, failed) relative paths."""
+        root = self.settings.instances_dir
+        gone, failed, folders = [], [], set()
+        for rel in relative:
+            path = root / rel
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("cannot remove an instance file (%s)", type(exc).__name__)
+                failed.append(rel)
+                continue
+            gone.append(rel)
+            folders.add(path.parent)
+        for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):
+            for empty in (folder, folder.parent):
+                if empty != root and root in empty.parents:
+                    try:
+                        empty.rmdir()
+                    except OSError:
+                        pass  # not empty (a late instance, another series of the study) or gone
+        return gone, failed

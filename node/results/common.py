@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -211,12 +211,18 @@ def declare_private_schemes(ds: Dataset) -> None:
     ds.CodingSchemeIdentificationSequence = items
 
 
-def derive_uid(source_series_uid: str, plugin: str, plugin_version: str, kind: str, index: int | str) -> str:
-    """A UID fixed by (source series, plugin, version, object kind, index): a re-run reproduces it.
+def derive_uid(source_series_uid: str, plugin: str, plugin_version: str, kind: str, index: int | str,
+               revision: int = 0) -> str:
+    """A UID fixed by (source series, plugin, version, object kind, index, revision): a re-run reproduces it.
+    Revision 0 is the first result of a series; a series that got new instances after its results were
+    made gets revision 1, 2, ... and so new objects that supersede the earlier ones.
 
     Form 2.25.<128-bit integer> (ITU-T X.667 / DICOM PS3.5 B.2), from SHA-256 of the inputs.
     """
-    key = "\x1f".join([source_series_uid, plugin, plugin_version, kind, str(index)]).encode()
+    parts = [source_series_uid, plugin, plugin_version, kind, str(index)]
+    if revision:  # revision 0 keeps the UIDs radnode always derived
+        parts.append(f"revision {revision}")
+    key = "\x1f".join(parts).encode()
     return "2.25." + str(int.from_bytes(hashlib.sha256(key).digest()[:16], "big"))
 
 
@@ -242,6 +248,38 @@ def _ascii(text: str) -> str:
     return "".join(c if " " <= c <= "~" and c != "\\" else "?" for c in text)
 
 
+@dataclass(frozen=True)
+class ObjectRef:
+    """An output object as the job table keeps it: what a later revision needs to reference it."""
+
+    kind: str  # SEG, SR or SC
+    study_uid: str
+    series_uid: str
+    sop_class_uid: str
+    sop_instance_uid: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"kind": self.kind, "study_uid": self.study_uid, "series_uid": self.series_uid,
+                "sop_class_uid": self.sop_class_uid, "sop_instance_uid": self.sop_instance_uid}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, str]) -> ObjectRef:
+        return cls(data["kind"], data["study_uid"], data["series_uid"], data["sop_class_uid"],
+                   data["sop_instance_uid"])
+
+    @classmethod
+    def of(cls, ds: Dataset, kind: str) -> ObjectRef:
+        return cls(kind, str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPClassUID),
+                   str(ds.SOPInstanceUID))
+
+    def as_dataset(self) -> Dataset:
+        """The four identifying attributes, which is what highdicom's `previous_versions` reads."""
+        ds = Dataset()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = self.study_uid, self.series_uid
+        ds.SOPClassUID, ds.SOPInstanceUID = self.sop_class_uid, self.sop_instance_uid
+        return ds
+
+
 # Contributing Equipment (IHE AI Results): the algorithm is the processing equipment, CID 7005.
 PROCESSING_EQUIPMENT = codes.DCM.ProcessingEquipment
 
@@ -255,6 +293,8 @@ class Provenance:
     model_name: str = "radnode AI node"
     device_serial_number: str = "RADNODE"
     institution_name: str | None = None
+    revision: int = 0  # > 0: the series changed after earlier results; new UIDs that supersede them
+    predecessors: tuple[ObjectRef, ...] = ()  # the SR(s) this revision supersedes (Predecessor Documents)
 
     @property
     def software_versions(self) -> str:
@@ -274,7 +314,7 @@ class Provenance:
         return text[:64].rstrip()
 
     def uid(self, source_series_uid: str, kind: str, index: int | str) -> str:
-        return derive_uid(source_series_uid, self.manifest.name, self.manifest.version, kind, index)
+        return derive_uid(source_series_uid, self.manifest.name, self.manifest.version, kind, index, self.revision)
 
     def identity(self, kind: str, source_series_uid: str, source: Dataset, index: int | str = 0) -> dict[str, Any]:
         """The highdicom constructor arguments every output object shares: its series and instance UIDs (derived

@@ -14,8 +14,8 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from node.files import atomic_write
-from node.results import object_file
-from node.results.common import Provenance
+from node.results import object_file, object_kind
+from node.results.common import ObjectRef, Provenance
 from node.results.findings import write_findings
 from node.results.sc import encode_sc
 from node.results.seg import encode_seg
@@ -59,8 +59,8 @@ def _write(findings: Findings, image: Image, sources: Mapping[str, Dataset], pro
            source_series_uid: str, out_dir: Path, meta: dict[str, Any], sc_max_images: int,
            timings: dict[str, float]) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    for old in out_dir.glob("*.dcm"):
-        old.unlink()  # a re-run may select other SC slices: keep only this run's objects
+    for old in [*out_dir.glob("*.dcm"), *out_dir.glob("*.part")]:
+        old.unlink()  # other SC slices of an earlier run, a killed run's temporary file: keep this run's only
     kinds = set(prov.manifest.outputs)
     written: list[Path] = []
 
@@ -93,3 +93,13 @@ def _write(findings: Findings, image: Image, sources: Mapping[str, Dataset], pro
                 written.append(_save(sc, out_dir / object_file("SC", i + 1)))
             lap("SC")
         return written + background.result()
+
+
+def object_refs(paths: list[Path]) -> list[ObjectRef]:
+    """The identities of the encoded objects among a job's output files (headers only), for the job table."""
+    refs = []
+    for path in paths:
+        kind = object_kind(path)
+        if kind is not None:
+            refs.append(ObjectRef.of(dcmread(path, stop_before_pixels=True), kind))
+    return refs

@@ -219,6 +219,8 @@ def encode_sr(
         **prov.identity("SR", source_series_uid, evidence[0]),
         instance_number=1,
         series_description=prov.series_description("SR", evidence[0]),
+        # a revision (the series got new instances after the earlier result) names the SR it supersedes
+        previous_versions=[p.as_dataset() for p in prov.predecessors if p.kind == "SR"] or None,
         # complete and final as the algorithm's output; unverified: no person has checked it
         is_complete=True,
         is_final=True,

@@ -9,6 +9,7 @@ location down it), so a bad rules file stops start-up with a message an administ
 
 from __future__ import annotations
 
+import datetime as dt
 import difflib
 import math
 import re
@@ -30,12 +31,14 @@ STRING_KEYS = (
     "BodyPart",
     "SOPClassUID",
     "CallingAE",
+    "CalledAE",
+    "RequestedProcedurePriority",
     "Manufacturer",
     "SeriesDescription",
     "StudyDescription",
     "ProtocolName",
 )
-NUMERIC_KEYS = ("SliceThickness", "SliceCount")
+NUMERIC_KEYS = ("SliceThickness", "SliceCount", "SeriesNumber")
 WHEN_KEYS = (*STRING_KEYS, *NUMERIC_KEYS, "ImageType")
 
 _RULE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
@@ -265,12 +268,15 @@ class When(_Model):
     BodyPart: StrCondition | None = None
     SOPClassUID: StrCondition | None = None
     CallingAE: StrCondition | None = None
+    CalledAE: StrCondition | None = None
+    RequestedProcedurePriority: StrCondition | None = None
     Manufacturer: StrCondition | None = None
     SeriesDescription: StrCondition | None = None
     StudyDescription: StrCondition | None = None
     ProtocolName: StrCondition | None = None
     SliceThickness: NumCondition | None = None
     SliceCount: CountCondition | None = None
+    SeriesNumber: CountCondition | None = None
     ImageType: ContainsCondition | None = None
 
     @model_validator(mode="before")
@@ -298,9 +304,60 @@ class When(_Model):
         return [(key, cond) for key in WHEN_KEYS if (cond := getattr(self, key)) is not None]
 
 
+_HOURS_RE = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])(?::([0-5][0-9]))?")
+
+
+class Hours(_Model):
+    """A daily window in the node's local time, `start` included, `end` excluded; it wraps midnight when
+    `end` is earlier than `start` (22:00-06:00). YAML form: "22:00-06:00" (seconds optional: "22:00:30")."""
+
+    start: dt.time
+    end: dt.time
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shape(cls, data: Any) -> Any:
+        if isinstance(data, cls):
+            return data
+        if not isinstance(data, str) or data.count("-") != 1:
+            raise _fail(f'hours must be "HH:MM-HH:MM" in local time, e.g. "22:00-06:00", got {_kind(data)}')
+        bounds = []
+        for part in data.split("-"):
+            m = _HOURS_RE.fullmatch(part.strip())
+            if m is None:
+                raise _fail(f'bad time {part.strip()!r} in hours: use HH:MM (00:00 to 23:59), optionally :SS')
+            bounds.append(dt.time(int(m[1]), int(m[2]), int(m[3] or 0)))
+        if bounds[0] == bounds[1]:
+            raise _fail("hours start and end at the same time: leave hours out to run at any time")
+        return {"start": bounds[0], "end": bounds[1]}
+
+    def contains(self, moment: dt.time) -> bool:
+        if self.start < self.end:
+            return self.start <= moment < self.end
+        return moment >= self.start or moment < self.end
+
+    def next_open(self, now: dt.datetime) -> dt.datetime | None:
+        """None when `now` (aware) is inside the window, else when it opens next (aware, local time)."""
+        local = now.astimezone()
+        if self.contains(local.time().replace(tzinfo=None)):
+            return None
+        opening = local.replace(hour=self.start.hour, minute=self.start.minute, second=self.start.second,
+                                microsecond=0)
+        return opening if opening > local else opening + dt.timedelta(days=1)
+
+    def __str__(self) -> str:
+        return f"{self.start.isoformat()}-{self.end.isoformat()}"
+
+
 class Rule(_Model):
-    """One routing rule: when a series matches `when`, run `plugins` (on `queue`, at `priority`) and send
-    the results to `destinations` (default: every configured destination; `[]`: keep them local)."""
+    """One routing rule: when a series matches `when`, run `plugins` (on `queue`, at `priority`, within
+    `hours` when given) and send the results to `destinations` (default: every configured destination;
+    `[]`: keep them local).
+
+    `level: study` applies the rule once the study is complete: `when` picks the candidate series, every
+    `require` condition must match at least one series of the study (else nothing runs and the note says
+    what is missing), and `select` chooses among the candidates: all (default), thinnest (smallest slice
+    thickness, then most slices), largest (most instances) or first (lowest series number)."""
 
     name: str
     when: When
@@ -308,6 +365,20 @@ class Rule(_Model):
     queue: str | None = None
     priority: Literal["stat", "routine"] = "routine"
     destinations: list[str] | None = None
+    hours: Hours | None = None
+    level: Literal["series", "study"] = "series"
+    select: Literal["all", "thinnest", "largest", "first"] | None = None
+    require: list[When] | None = None
+
+    @model_validator(mode="after")
+    def _study_only(self) -> Rule:
+        if self.level != "study":
+            for key in ("select", "require"):
+                if getattr(self, key) is not None:
+                    raise _fail(f"{key} needs `level: study` (a series-level rule sees one series)", key)
+        if self.require is not None and not self.require:
+            raise _fail("require is empty: give at least one series condition, or leave it out", "require")
+        return self
 
     @model_validator(mode="before")
     @classmethod

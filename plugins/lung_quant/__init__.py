@@ -6,7 +6,7 @@ Coefficient" (CID 6141) for the mean lung density; DICOM defines no concept for 
 LAA-950 and Perc15, so those use this node's private scheme 99RADNODE.
 """
 
-from plugins.base import Code, Manifest, SegmentSpec, SeriesSelection
+from plugins.base import Code, Manifest, PriorsSpec, SegmentSpec, SeriesSelection
 
 ANATOMICAL_STRUCTURE = Code(value="91723000", scheme="SCT", meaning="Anatomical Structure")
 MORPHOLOGICALLY_ABNORMAL = Code(value="49755003", scheme="SCT", meaning="Morphologically Abnormal Structure")
@@ -20,6 +20,9 @@ VOLUME = Code(value="118565006", scheme="SCT", meaning="Volume")
 MEAN_LUNG_DENSITY = Code(value="112181", scheme="DCM", meaning="Mean Attenuation Coefficient")
 LAA_950 = Code(value="LAA950", scheme="99RADNODE", meaning="Percent lung volume below -950 HU (LAA-950)")
 PERC_15 = Code(value="PERC15", scheme="99RADNODE", meaning="15th percentile of lung attenuation (Perc15)")
+# comparison with the newest prior chest CT (current minus prior): no DICOM concept either
+VOLUME_CHANGE = Code(value="LUNGVOLCHG", scheme="99RADNODE", meaning="Change in lung volume since prior study")
+LAA_950_CHANGE = Code(value="LAA950CHG", scheme="99RADNODE", meaning="Change in LAA-950 since prior study")
 
 MANIFEST = Manifest(
     name="lung-quant",
@@ -51,9 +54,11 @@ MANIFEST = Manifest(
             type=Code(value="87433001", scheme="SCT", meaning="Pulmonary emphysema"),
         ),
     ],
-    findings=[VOLUME, MEAN_LUNG_DENSITY, LAA_950, PERC_15],
+    findings=[VOLUME, MEAN_LUNG_DENSITY, LAA_950, PERC_15, VOLUME_CHANGE, LAA_950_CHANGE],
     queue="cpu",
     series=SeriesSelection(body_parts=["CHEST"], min_slices=10),
     weights=None,
     reference_only=False,
+    # with RADNODE_PRIORS_SOURCE set: the newest chest CT of the last two years, for the change since then
+    priors=PriorsSpec(within_days=730, max_studies=1),
 )

@@ -30,16 +30,28 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from plugins.base import Findings, Heatmap, Image, Manifest, Measurement, NotApplicable, Plugin, Segmentation
+from plugins.base import (
+    Findings,
+    Heatmap,
+    Image,
+    Manifest,
+    Measurement,
+    NotApplicable,
+    Plugin,
+    Prior,
+    Segmentation,
+)
 from plugins.lung_quant import (
     BOTH_LUNGS,
     LAA_950,
+    LAA_950_CHANGE,
     LEFT_LUNG,
     LOW_ATTENUATION,
     MEAN_LUNG_DENSITY,
     PERC_15,
     RIGHT_LUNG,
     VOLUME,
+    VOLUME_CHANGE,
 )
 
 BODY_HU = -500.0  # body (soft tissue, bone) vs outside air; matches node.route.lungs' lung check
@@ -155,6 +167,19 @@ class LungQuant(Plugin):
             f"Lungs {total.volume_ml:.0f} mL ({sides}); mean lung density {total.mean_hu:.0f} HU; "
             f"LAA-950 {total.laa950_percent:.1f}%; Perc15 {total.perc15_hu:.0f} HU"
         )
+        if image.priors:
+            change, why = compare_with_prior(total, image.priors[0])
+            if change is None:
+                warnings.append(why)
+            else:
+                measurements += [
+                    Measurement(VOLUME_CHANGE, round(total.volume_ml - change.volume_ml, 1), "mL", BOTH_LUNGS),
+                    Measurement(LAA_950_CHANGE, round(total.laa950_percent - change.laa950_percent, 2), "%",
+                                BOTH_LUNGS),
+                ]
+                summary += (f"; since the prior of {image.priors[0].study_date or 'unknown date'}: lungs "
+                            f"{total.volume_ml - change.volume_ml:+.0f} mL, LAA-950 "
+                            f"{total.laa950_percent - change.laa950_percent:+.1f} points")
         return Findings(
             segmentations=segmentations,
             measurements=measurements,
@@ -163,6 +188,20 @@ class LungQuant(Plugin):
             warnings=warnings,
             summary=summary,
         )
+
+
+def compare_with_prior(total: LungStats, prior: Prior) -> tuple[LungStats | None, str]:
+    """The prior study's whole-lung stats, measured the same way, or None and why not."""
+    try:
+        masks = segment_lungs(prior.image)
+    except NotApplicable as exc:
+        return None, f"prior study of {prior.study_date or 'unknown date'} not compared: {exc}"
+    hu = prior.image.pixels
+    voxel_ml = float(np.prod(prior.image.spacing)) / 1000.0
+    stats = lung_stats(hu[masks.right | masks.left], voxel_ml)
+    if stats is None:
+        return None, f"prior study of {prior.study_date or 'unknown date'} not compared: no lungs found"
+    return stats, ""
 
 
 def build(manifest: Manifest) -> LungQuant:
