@@ -72,6 +72,7 @@ class NewJob:
     priority: str
     destinations: list[str] | None = None  # None: every configured destination
     not_before: datetime | None = None  # held until then (the rule's hours)
+    extra_series: list[str] | None = None  # a multi-series plugin's other series (Series Instance UIDs)
 
 
 def _insert(session: Session):
@@ -91,6 +92,7 @@ def create_jobs(session: Session, series_id: int, jobs: Sequence[NewJob], now: d
                 series_id=series_id, plugin=job.plugin, plugin_version=job.plugin_version, rule=job.rule,
                 queue=job.queue, priority=job.priority, destinations=job.destinations, state=JobState.QUEUED,
                 attempts=0, created_at=now, updated_at=now, queued_at=now, not_before=job.not_before,
+                extra_series=job.extra_series,
             )
             .on_conflict_do_nothing(index_elements=["series_id", "plugin"])
             .returning(Job.id)
@@ -317,6 +319,7 @@ def job_dict(job: Job, series_uid: str, study_uid: str) -> dict[str, Any]:
         "revision": job.revision or 0,
         "objects": job.objects or [],
         "history": job.history or [],
+        "extra_series": job.extra_series or [],
         "started_at": _iso(job.started_at),
         "encoded_at": _iso(job.encoded_at),
         "delivered_at": _iso(job.delivered_at),

@@ -201,6 +201,7 @@ class Job(Base):
     inputs_sha256: Mapped[str | None] = mapped_column(String(64), doc="SHA-256 of the input SOP Instance UIDs")
     objects: Mapped[list | None] = mapped_column(JSON, doc="identities of the DICOM objects of this revision")
     history: Mapped[list | None] = mapped_column(JSON, doc="earlier revisions: objects, times, why superseded")
+    extra_series: Mapped[list | None] = mapped_column(JSON, doc="a multi-series plugin's other series (UIDs)")
     timings: Mapped[dict | None] = mapped_column(JSON, doc="seconds per stage of the last attempt")
     destinations: Mapped[list | None] = mapped_column(JSON, doc="destination names the rule chose; null = all")
     outputs_removed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, doc="outputs deleted (retention)")

@@ -54,6 +54,8 @@ class SeriesSelection(_Model):
 
     body_parts: list[str] = Field(default_factory=list, description="normalised body parts, e.g. CHEST; empty = any")
     min_slices: int = Field(1, ge=1)
+    multiple: bool = Field(False, description="takes every series a study-level rule chose, in one run: the first "
+                           "is `image`, the others `image.others` (then only study-level rules may route to it)")
 
 
 class PriorsSpec(_Model):
@@ -203,6 +205,7 @@ class Image:
     warnings: tuple[str, ...] = ()
     attrs: dict[str, Any] = field(default_factory=dict)
     priors: tuple[Prior, ...] = ()  # earlier studies, newest first (only for a manifest that asks: `priors`)
+    others: tuple[Image, ...] = ()  # the study's other chosen series (only for `series.multiple`)
 
 
 @dataclass(frozen=True)

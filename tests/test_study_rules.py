@@ -119,3 +119,44 @@ rules:
            in st["route_note"]
     time.sleep(3)  # nothing runs twice
     assert len(stack.jobs()) == 2 and all(r["attempts"] == 1 for r in stack.jobs())
+
+
+def test_a_plugin_taking_several_series_runs_once_on_the_chosen_ones():
+    from plugins.base import Manifest, SeriesSelection
+
+    pair = Manifest(name="pair", version="1", factory="x:y", modalities=["CT"],
+                    series=SeriesSelection(multiple=True))
+    manifests = {**MANIFESTS, "pair": pair}
+    rules = parse_rules(STUDY_RULE.replace("[ct-any]", "[pair, ct-any]") % "all", manifests)
+    [check] = explain_study(study(), rules, manifests)
+    by_series = {sid: [(m.plugin, m.with_series) for m in ms] for sid, ms in check.chosen}
+    assert by_series == {1: [("pair", (2, 3)), ("ct-any", ())], 2: [("ct-any", ())], 3: [("ct-any", ())]}
+    with pytest.raises(RulesError) as err:  # a series-level rule sees one series: not for such a plugin
+        parse_rules("rules:\n  - name: r\n    when: {Modality: CT}\n    plugins: [pair]\n", manifests)
+    assert "takes several series at once" in str(err.value) and "line 4" in str(err.value)
+
+
+@pytest.mark.slow
+def test_two_series_go_to_one_multi_series_job(stack: Stack, tmp_path: Path):
+    node = stack.start("""
+rules:
+  - name: pair
+    level: study
+    when: {Modality: CT}
+    require: [{SeriesDescription: {regex: lung}}, {SeriesDescription: {regex: soft}}]
+    plugins: [test-pair]
+""", stable_seconds="2")
+    lung = write_ct_series(tmp_path / "lung", slices=12, size=64, series_description="Chest lung", series_number=3)
+    study_uid = str(pydicom.dcmread(lung[0], stop_before_pixels=True).StudyInstanceUID)
+    soft = write_ct_series(tmp_path / "soft", slices=10, size=64, series_description="Chest soft", series_number=4,
+                           study_uid=study_uid)
+    assert send(lung + soft, "127.0.0.1", node.port, node.ae_title, "CT1").sent == 22
+    [job] = stack.wait_jobs(lambda rows: bool(rows) and rows[0]["state"] in {"encoded", "failed", "skipped"},
+                            timeout=120)
+    assert job["state"] == "encoded", job
+    soft_uid = str(pydicom.dcmread(soft[0], stop_before_pixels=True).SeriesInstanceUID)
+    assert job["extra_series"] == [soft_uid]
+    measured = {m["concept"]["value"]: m["value"] for m in job["findings"]["measurements"]}
+    assert measured == {"SERIESSEEN": 2.0, "SLICESSEEN": 22.0}
+    assert "test-pair on series #3, #4 (rule pair)" in node.studies()[0]["route_note"]
+    assert len(stack.jobs()) == 1

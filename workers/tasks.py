@@ -16,7 +16,7 @@ from typing import Any
 
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
-from db import deliveries, jobs, workers
+from db import deliveries, jobs, records, workers
 from db.heartbeat import Heartbeat
 from db.models import FailStage, JobState, Series, Study, utcnow
 from db.session import make_engine, make_sessionmaker
@@ -116,11 +116,15 @@ class WorkerRuntime:
             return JobState.FAILED
         timings["model_load"] = round(time.perf_counter() - t, 3)
         stored = self.settings.instances_dir
-        descriptions = {
-            "BodyPartExamined": series.body_part_examined, "StudyDescription": study.study_description,
-            "SeriesDescription": series.series_description, "ProtocolName": series.protocol_name,
-        }
-        revision = Revision.of(row, rel_paths)
+        descriptions = _descriptions(series, study)
+        others = []  # a multi-series plugin's other series: (files, descriptions)
+        all_paths = list(rel_paths)
+        for uid in row["extra_series"] or []:
+            with self.maker() as session:
+                other, other_study, other_paths = jobs.series_and_paths(session, records.series_id_of(session, uid))
+            others.append(([stored / p for p in other_paths], _descriptions(other, other_study)))
+            all_paths += other_paths
+        revision = Revision.of(row, all_paths)
         meta: dict[str, Any] = {"job_id": job_id}
         gathered = Gathered()
         if manifest.priors is not None and rel_paths:
@@ -131,7 +135,7 @@ class WorkerRuntime:
         result = run_series(plugin, manifest, self.settings, [stored / p for p in rel_paths], descriptions,
                             series.series_uid, self.settings.outputs_dir / str(job_id), sha, meta=meta,
                             paths_by_uid={Path(p).stem: stored / p for p in rel_paths}, revision=revision.number,
-                            predecessors=revision.predecessors, priors=gathered.priors)
+                            predecessors=revision.predecessors, priors=gathered.priors, others=others)
         result.warnings = list(dict.fromkeys([*gathered.warnings, *result.warnings]))
         timings |= result.timings
         common: dict[str, Any] = {"weights_sha256": sha}
@@ -183,6 +187,11 @@ class WorkerRuntime:
 
     def dispatch(self, delivery_id: int) -> str:
         return self.dispatcher.run(delivery_id)
+
+
+def _descriptions(series: Series, study: Study) -> dict[str, str | None]:
+    return {"BodyPartExamined": series.body_part_examined, "StudyDescription": study.study_description,
+            "SeriesDescription": series.series_description, "ProtocolName": series.protocol_name}
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,7 @@ class JobOut(_Out):
     revision: int = Field(0, description="0, then +1 each time new instances in the series superseded the results")
     objects: list[dict[str, str]] = Field([], description="the DICOM objects of this revision (kind and UIDs)")
     history: list[dict[str, Any]] = Field([], description="earlier revisions: objects, superseded_at, reason")
+    extra_series: list[str] = Field([], description="a multi-series plugin's other series of the study (UIDs)")
     started_at: str | None
     encoded_at: str | None
     delivered_at: str | None

@@ -57,18 +57,22 @@ class SeriesResult:
 
 
 def run_model(plugin: Plugin, manifest: Manifest, files: Sequence[Path], descriptions: Mapping[str, str | None],
-              step: Callable[[str], None] = _quiet, priors: Sequence[Prior] = ()) -> SeriesResult:
+              step: Callable[[str], None] = _quiet, priors: Sequence[Prior] = (),
+              others: Sequence[tuple[Sequence[Path], Mapping[str, str | None]]] = ()) -> SeriesResult:
     """Load the series image and run the plugin on it (state inferred, not-applicable or failed).
 
     `descriptions`: BodyPartExamined, StudyDescription, SeriesDescription, ProtocolName (any may be None),
     from which the image's body parts are normalised. `step` is told what starts. `priors` (earlier
-    studies, for a manifest that asks) ride along in `Image.priors`. Never raises for bad input or a failing
-    plugin: the result says why.
+    studies, for a manifest that asks) ride along in `Image.priors`; `others` (files and descriptions of the
+    study's other chosen series, for a plugin taking several) are loaded into `Image.others`. Never raises for
+    bad input or a failing plugin: the result says why.
     """
     step("loading the image")
     t = time.perf_counter()
     try:
-        image = dataclasses.replace(_load_series_image(files, manifest, descriptions), priors=tuple(priors))
+        image = dataclasses.replace(
+            _load_series_image(files, manifest, descriptions), priors=tuple(priors),
+            others=tuple(_load_series_image(f, manifest, d) for f, d in others))
     except ImageLoadError as exc:
         return SeriesResult("failed", f"image load: {exc}", "image")
     except Exception as exc:
@@ -92,7 +96,8 @@ def run_series(plugin: Plugin, manifest: Manifest, settings: Settings, files: Se
                descriptions: Mapping[str, str | None], series_uid: str, out_dir: Path, weights_sha: str | None, *,
                meta: Mapping[str, Any] | None = None, paths_by_uid: Mapping[str, Path] | None = None,
                step: Callable[[str], None] = _quiet, revision: int = 0,
-               predecessors: Sequence[ObjectRef] = (), priors: Sequence[Prior] = ()) -> SeriesResult:
+               predecessors: Sequence[ObjectRef] = (), priors: Sequence[Prior] = (),
+               others: Sequence[tuple[Sequence[Path], Mapping[str, str | None]]] = ()) -> SeriesResult:
     """Load, run and encode one series: SEG/SR/SC and findings.json in `out_dir` (state encoded,
     not-applicable or failed), with provenance from the settings.
 
@@ -102,7 +107,7 @@ def run_series(plugin: Plugin, manifest: Manifest, settings: Settings, files: Se
     (the earlier SR) in its Predecessor Documents Sequence. Never raises
     for bad input, a failing plugin or an encoder error: the result says why.
     """
-    result = run_model(plugin, manifest, files, descriptions, step, priors)
+    result = run_model(plugin, manifest, files, descriptions, step, priors, others)
     if result.state != "inferred":
         return result
     assert result.image is not None and result.findings is not None

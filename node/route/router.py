@@ -75,6 +75,7 @@ class Match:
     destinations: tuple[str, ...] | None = None  # None: every configured destination
     hours: Hours | None = None  # run only within these daily hours
     urgent: str | None = None  # why the priority is stat although the rule says routine
+    with_series: tuple[int, ...] = ()  # a plugin taking several series: the other chosen series (keys)
 
 
 @dataclass(frozen=True)
@@ -272,24 +273,30 @@ def explain_study(series: Mapping[int, SeriesAttrs], rules: RuleSet, manifests: 
             checks.append(StudyRuleCheck(rule.name, tuple(candidates), missing or ("a series matching `when`",)
                                          if not candidates else missing))
             continue
-        chosen, left_out = [], []
-        for key in _select(rule.select or "all", candidates, series):
-            attrs = series[key]
-            urgent = urgency(attrs, stat_called_aes)
-            raised = urgent if rule.priority != "stat" else None
-            found = []
-            for plugin in rule.plugins:
-                manifest = manifests.get(plugin)
-                why = "not installed" if manifest is None else _unsuitable(attrs, manifest)
-                if manifest is None or why is not None:
-                    left_out.append((key, plugin, why or "not installed"))
-                    continue
+        chosen: dict[int, list[Match]] = {}
+        left_out = []
+        selected = _select(rule.select or "all", candidates, series)
+        for plugin in rule.plugins:
+            manifest = manifests.get(plugin)
+            suitable = []
+            for key in selected:
+                why = "not installed" if manifest is None else _unsuitable(series[key], manifest)
+                if why is None:
+                    suitable.append(key)
+                else:
+                    left_out.append((key, plugin, why))
+            if manifest is None or not suitable:
+                continue
+            # a plugin taking several series runs once, on the first with the others; any other once per series
+            runs = [(suitable[0], tuple(suitable[1:]))] if manifest.series.multiple else [(k, ()) for k in suitable]
+            for key, others in runs:
+                urgent = next((u for k in (key, *others) if (u := urgency(series[k], stat_called_aes))), None)
                 dests = tuple(rule.destinations) if rule.destinations is not None else None
-                found.append(Match(rule.name, plugin, rule.queue or manifest.queue,
-                                   "stat" if urgent else rule.priority, dests, rule.hours, raised))
-            if found:
-                chosen.append((key, tuple(found)))
-        checks.append(StudyRuleCheck(rule.name, tuple(candidates), (), tuple(chosen), tuple(left_out)))
+                chosen.setdefault(key, []).append(Match(
+                    rule.name, plugin, rule.queue or manifest.queue, "stat" if urgent else rule.priority, dests,
+                    rule.hours, urgent if rule.priority != "stat" else None, others))
+        checks.append(StudyRuleCheck(rule.name, tuple(candidates), (),
+                                     tuple((k, tuple(ms)) for k, ms in sorted(chosen.items())), tuple(left_out)))
     return checks
 
 
@@ -393,10 +400,11 @@ class Router:
         return len(pending) + len(studies)
 
     def _create_jobs(self, session: Session, series_id: int, matches: Sequence[Match], held: Mapping[str, datetime],
-                     reopened: bool, now: datetime) -> list[int]:
+                     reopened: bool, now: datetime, uids: Mapping[int, str] | None = None) -> list[int]:
         new = [
             NewJob(m.plugin, self.manifests[m.plugin].version, m.rule, m.queue, m.priority,
-                   list(m.destinations) if m.destinations is not None else None, held.get(m.plugin))
+                   list(m.destinations) if m.destinations is not None else None, held.get(m.plugin),
+                   [uids[k] for k in m.with_series] if m.with_series and uids else None)
             for m in matches
         ]
         ids = create_jobs(session, series_id, new, now)
@@ -437,14 +445,16 @@ class Router:
                 have += [m for m in kept if m.plugin not in {x.plugin for x in have}]  # once per series and plugin
         held = {m.plugin: opens for ms in chosen.values() for m in ms
                 if m.hours is not None and (opens := m.hours.next_open(now))}
-        jobs = [f"{m.plugin} on series {number[sid]} (rule {m.rule})" for sid, ms in chosen.items() for m in ms]
+        jobs = [f"{m.plugin} on series {', '.join(number[k] for k in (sid, *m.with_series))} (rule {m.rule})"
+                for sid, ms in chosen.items() for m in ms]
         note = "; ".join([("jobs: " + ", ".join(jobs)) if jobs else "no job", *notes])
         reopened = {s.id: bool(s.reopened_count) for s in rows}
         with self.maker.begin() as session:
             if not mark_study_routed(session, [study_id], note, now):
                 return []  # reopened meanwhile: routed again once complete
+            uids = {s.id: s.series_uid for s in rows}
             ids = [i for sid, ms in chosen.items()
-                   for i in self._create_jobs(session, sid, ms, held, reopened[sid], now)]
+                   for i in self._create_jobs(session, sid, ms, held, reopened[sid], now, uids)]
             items = queue_items(session, ids, now)
         log.info("study %s routed: %s", uid_hash(study.study_uid), f"{len(jobs)} job(s)" if jobs else "no job")
         return self._send(items)

@@ -452,6 +452,9 @@ class Rule(_Model):
                 close = difflib.get_close_matches(name, list(manifests), n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise _fail(f"unknown plugin {name!r} (installed: {installed}){hint}", "plugins", i)
+            if manifest.series.multiple and self.level != "study":
+                raise _fail(f"plugin {name!r} takes several series at once: route it with a `level: study` rule",
+                            "plugins", i)
             if context.get("default") and manifest.reference_only:
                 raise _fail(f"plugin {name!r} is reference-only: the default rules must not route to it", "plugins", i)
             modality = self.when.Modality

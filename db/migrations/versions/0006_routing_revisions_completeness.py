@@ -39,6 +39,7 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column('inputs_sha256', sa.String(length=64), nullable=True))
         batch_op.add_column(sa.Column('objects', sa.JSON(), nullable=True))
         batch_op.add_column(sa.Column('history', sa.JSON(), nullable=True))
+        batch_op.add_column(sa.Column('extra_series', sa.JSON(), nullable=True))
 
 
 def downgrade() -> None:
@@ -47,7 +48,7 @@ def downgrade() -> None:
         batch_op.drop_column('route_note')
         batch_op.drop_column('routed_at')
     with op.batch_alter_table('job', schema=None) as batch_op:
-        for column in ('history', 'objects', 'inputs_sha256', 'revision', 'not_before'):
+        for column in ('extra_series', 'history', 'objects', 'inputs_sha256', 'revision', 'not_before'):
             batch_op.drop_column(column)
     with op.batch_alter_table('instance', schema=None) as batch_op:
         batch_op.drop_column('images_in_acquisition')
