@@ -109,17 +109,30 @@ _RESET = dict(
 )
 
 
+class InputsRemoved(Exception):
+    """The job's received instances were removed by the instance retention: it cannot run until they come again."""
+
+
 def requeue(session: Session, job_id: int, now: datetime | None = None) -> bool:
     """Put a finished job (encoded, delivered, failed, skipped) back in the queue with fresh attempts.
 
-    Returns False when the job is queued or running already. Raises LookupError for an unknown id.
-    The caller commits, then enqueues.
+    Returns False when the job is queued or running already. Raises LookupError for an unknown id and
+    InputsRemoved when the retention removed its series' instances (and none came since). The caller
+    commits, then enqueues.
     """
-    state = session.execute(select(Job.state).where(Job.id == job_id)).scalar_one_or_none()
-    if state is None:
+    newest = select(func.max(Instance.received_at)).where(Instance.series_id == Series.id).scalar_subquery()
+    row = session.execute(
+        select(Job.state, Series.instances_removed_at, newest).join(Series, Series.id == Job.series_id)
+        .where(Job.id == job_id)
+    ).one_or_none()
+    if row is None:
         raise LookupError(f"no job {job_id}")
+    state, removed, newest_at = row
     if JobState(state) not in TERMINAL:
         return False
+    if removed is not None and newest_at is None:  # removed, and nothing received since
+        raise InputsRemoved(f"job {job_id}: its series' instances were removed by the retention on "
+                            f"{removed:%Y-%m-%d}; send the series again to run it")
     if not transition(session, job_id, JobState(state), Q, now, attempts=0, **_RESET):
         return False
     # its deliveries wait (not due) until the job is encoded again, which makes them due afresh

@@ -175,3 +175,22 @@ def test_instance_retention_setting():
     assert Settings(instance_retention_days=365).instance_retention_days == 365
     with pytest.raises(ValidationError, match="greater than or equal to 0"):
         Settings(instance_retention_days=-1)
+
+
+def test_a_job_whose_instances_were_removed_cannot_be_retried_until_they_come_again(sessionmaker, tmp_path):
+    import pytest
+
+    from db.jobs import InputsRemoved, requeue
+
+    settings = Settings(data_dir=tmp_path)
+    old = utcnow() - timedelta(days=DAYS + 1)
+    sid, study, _, job_id, [d] = _routed(sessionmaker, settings, old)
+    _deliver(sessionmaker, d)
+    assert _sweeper(sessionmaker, tmp_path).purge_instances() == [sid]
+    with sessionmaker.begin() as s, pytest.raises(InputsRemoved, match="removed by the retention on"):
+        requeue(s, job_id)
+    with sessionmaker() as s:
+        series_uid = s.get(Series, sid).series_uid
+    _receive(sessionmaker, settings, study, series_uid, utcnow(), n=1)  # the series is sent again
+    with sessionmaker.begin() as s:
+        assert requeue(s, job_id)

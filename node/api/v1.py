@@ -106,13 +106,15 @@ def job(request: Request, _: Reader, job_id: JobId) -> dict[str, Any]:
 
 def retry_job(request: Request, job_id: int) -> None:
     """Requeue a finished job (the node's sweeper sends it). Raises HTTPException 404 or 409."""
-    from db.jobs import requeue
+    from db.jobs import InputsRemoved, requeue
 
     with request.app.state.sessionmaker.begin() as session:
         try:
             moved = requeue(session, job_id)
         except LookupError:
             raise HTTPException(404, f"no job {job_id}") from None
+        except InputsRemoved as exc:
+            raise HTTPException(409, str(exc)) from None
     if not moved:
         raise HTTPException(409, f"job {job_id} is queued or running already")
 

@@ -271,12 +271,12 @@ def _deliveries_cell(deliveries: list[dict]) -> str:
 @jobs_app.command("retry")
 def jobs_retry(job_id: Annotated[int, typer.Argument(help="job id")]) -> None:
     """Run a finished job again (failed, skipped, encoded or delivered); the node sends it to a worker."""
-    from db.jobs import requeue
+    from db.jobs import InputsRemoved, requeue
 
     with open_db().begin() as session:
         try:
             moved = requeue(session, job_id)
-        except LookupError as exc:
+        except (LookupError, InputsRemoved) as exc:
             console.print(f"[red]{exc}[/red]")
             raise typer.Exit(1) from None
     if not moved:
