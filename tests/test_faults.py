@@ -268,6 +268,49 @@ def test_a_postgresql_restart_during_ingest_and_during_a_job(tmp_path: Path, ct_
         pg.stop()
 
 
+def test_a_task_that_meets_postgresql_down_is_retried_not_left_for_the_resend(tmp_path: Path):
+    """Job B's task reaches the worker while the job table's server is down (the worker was busy with job A
+    when it stopped). The task is sent again with backoff, so B runs soon after the server is back, not after
+    the sweeper's resend (10 minutes here)."""
+    from db.migrate import upgrade
+
+    pg = PrivatePostgres()
+    stack = Stack("embedded", tmp_path, pg.url)
+    try:
+        upgrade(stack.engine)
+        marker = tmp_path / "runs.txt"
+        node = stack.start("rules:\n  - name: ct\n    when: {Modality: CT}\n    plugins: [test-slow]\n",
+                           env={"TESTPLUGIN_SLOW_SECONDS": "6", "TESTPLUGIN_SLOW_MARKER": str(marker)},
+                           stable_seconds="1", job_resend_seconds="600", job_lost_seconds="10")
+        for name in ("a", "b"):
+            files = write_ct_series(tmp_path / name, slices=12, size=64)
+            assert send(files, "127.0.0.1", node.port, node.ae_title, "CT1").sent == 12
+        rows = stack.wait_jobs(lambda rows: sorted(r["state"] for r in rows) == ["queued", "running"]
+                               and marker.exists(), timeout=90)
+        b = next(r["id"] for r in rows if r["state"] == "queued")
+        before = len(node.logs())
+        pg.stop(keep=True)  # job A is running; job B's task waits in the broker
+        time.sleep(12)  # A ends (its result cannot be recorded), B's task meets the server down
+        pg.start()
+        from sqlalchemy.exc import OperationalError
+
+        deadline, rows = time.monotonic() + 120, []
+        while time.monotonic() < deadline and not (rows and all(r["state"] == "encoded" for r in rows)):
+            try:
+                rows = stack.jobs()
+            except OperationalError:  # the server may still be finishing its start
+                rows = []
+            time.sleep(0.5)
+        assert len(rows) == 2 and all(r["state"] == "encoded" for r in rows), (rows, node.logs()[-3000:])
+        logs = node.logs()[before:]
+        assert "retry: Retry in" in logs and "OperationalError" in logs, logs[-3000:]  # the task was sent again
+        resent = [line for line in logs.splitlines() if "queued job(s) to the broker" in line]
+        assert not any(line.rstrip().endswith((f": {b}", f", {b}")) or f" {b}," in line for line in resent), resent
+    finally:
+        stack.close()
+        pg.stop()
+
+
 def test_disk_full_while_encoding_fails_the_job_with_its_reason_then_a_retry_succeeds(tmp_path: Path):
     """The outputs' file system fills up during encoding: the job fails at the encode stage saying why, no
     half-written file is left, the node keeps serving, and once there is room a retry encodes it."""

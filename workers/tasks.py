@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
+from sqlalchemy.exc import OperationalError
 
 from db import deliveries, jobs, records, workers
 from db.heartbeat import Heartbeat
@@ -231,7 +232,14 @@ def runtime() -> WorkerRuntime:
     return _runtime
 
 
-@app.task(name=TASK_INFER, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+# A task that meets the job table down (PostgreSQL restarting) is sent again after 1, 2, 4 ... 30 s rather than
+# dropped: else it waits for the sweeper's resend (job_resend_seconds, 10 minutes by default). A job found running
+# on a later try is left to its lease; the job table stays the truth either way.
+DB_RETRY = dict(autoretry_for=(OperationalError,), retry_backoff=1, retry_backoff_max=30, retry_jitter=False,
+                max_retries=12)
+
+
+@app.task(name=TASK_INFER, acks_late=True, reject_on_worker_lost=True, ignore_result=True, **DB_RETRY)
 def infer(job_id: int) -> str:
     """Celery entry: run job `job_id` (an id only; the job table says what to do)."""
     with job_context(int(job_id)):
@@ -239,7 +247,7 @@ def infer(job_id: int) -> str:
 
 
 
-@app.task(name=TASK_DISPATCH, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+@app.task(name=TASK_DISPATCH, acks_late=True, reject_on_worker_lost=True, ignore_result=True, **DB_RETRY)
 def dispatch(delivery_id: int) -> str:
     """Celery entry: one attempt of delivery `delivery_id` (the sweeper sends retries when due)."""
     return runtime().dispatch(int(delivery_id))
