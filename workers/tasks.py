@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import NoResultFound, OperationalError
 
 from db import deliveries, jobs, records, workers
 from db.heartbeat import Heartbeat
@@ -122,7 +122,13 @@ class WorkerRuntime:
         all_paths = list(rel_paths)
         for uid in row["extra_series"] or []:
             with self.maker() as session:
-                other, other_study, other_paths = jobs.series_and_paths(session, records.series_id_of(session, uid))
+                try:
+                    other, other_study, other_paths = jobs.series_and_paths(session,
+                                                                            records.series_id_of(session, uid))
+                except (LookupError, NoResultFound):
+                    reason = f"image load: series {uid_hash(uid)} of the study is no longer recorded"
+                    self._finish(job_id, jobs.fail, R, FailStage.INFER, reason, timings=timings)
+                    return JobState.FAILED
             others.append(([stored / p for p in other_paths], _descriptions(other, other_study)))
             all_paths += other_paths
         revision = Revision.of(row, all_paths)
