@@ -11,12 +11,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.jobs import transition
-from db.models import Delivery, DeliveryState, FailStage, Job, JobState, Series, utcnow
+from db.models import Delivery, DeliveryState, FailStage, Instance, Job, JobState, Series, utcnow
 
 P, SENT, FAILED = DeliveryState.PENDING, DeliveryState.SENT, DeliveryState.FAILED
 
@@ -31,10 +32,33 @@ def backoff(attempts: int, base: float, cap: float) -> float:
     return min(cap, base * 2 ** max(0, attempts - 1))
 
 
-def prepare(session: Session, job_id: int, destinations: Sequence[str], now: datetime) -> list[int]:
+FLAG_SUFFIX = ":flag"  # a triage flag sent ahead of the results: delivery "<destination>:flag" (names have no ':')
+
+
+IS_FLAG = Delivery.destination.endswith(FLAG_SUFFIX)
+
+
+def flag_of(name: str) -> str | None:
+    """The destination a flag delivery row goes to, or None for a results delivery."""
+    return name.removesuffix(FLAG_SUFFIX) if name.endswith(FLAG_SUFFIX) else None
+
+
+def prepare_flags(session: Session, job_id: int, destinations: Sequence[str], now: datetime) -> list[int]:
+    """Pending flag deliveries (`<name>:flag`) of a running job, due now (a re-run sends the flag again).
+    Returns their ids; `prepare` leaves them alone. The caller commits."""
+    return prepare(session, job_id, [f"{name}{FLAG_SUFFIX}" for name in destinations], now, flags=True)
+
+
+def prepare(session: Session, job_id: int, destinations: Sequence[str], now: datetime, *,
+            flags: bool = False) -> list[int]:
     """Make the job's deliveries pending and due now, one per destination (a re-run resets them);
-    rows for destinations no longer wanted are removed. Returns the delivery ids. The caller commits."""
-    session.execute(delete(Delivery).where(Delivery.job_id == job_id, Delivery.destination.not_in(destinations)))
+    rows for destinations no longer wanted are removed (results rows, or flag rows with `flags`). Returns the
+    delivery ids. The caller commits."""
+    session.execute(delete(Delivery).where(Delivery.job_id == job_id, Delivery.destination.not_in(destinations),
+                                           IS_FLAG if flags else ~IS_FLAG))
+    if not flags:  # flag rows of an earlier run that this run did not flag again
+        session.execute(delete(Delivery).where(Delivery.job_id == job_id, IS_FLAG, Delivery.state == P,
+                                               Delivery.next_attempt_at.is_(None)))
     ids = []
     for name in destinations:
         existing = session.execute(
@@ -79,6 +103,7 @@ def claim(session: Session, delivery_id: int, now: datetime) -> Claim | None:
     None when another attempt owns it, it is not due, or it has settled (a duplicate task). The caller
     commits."""
     encoded = select(Job.id).where(Job.state == JobState.ENCODED)
+    running = select(Job.id).where(Job.state == JobState.RUNNING)
     stmt = (
         update(Delivery)
         .where(
@@ -87,7 +112,8 @@ def claim(session: Session, delivery_id: int, now: datetime) -> Claim | None:
             Delivery.started_at.is_(None),
             Delivery.next_attempt_at.is_not(None),
             Delivery.next_attempt_at <= now + CLOCK_SKEW,
-            Delivery.job_id.in_(encoded),
+            # a triage flag goes while the job is still encoding
+            or_(Delivery.job_id.in_(encoded), and_(IS_FLAG, Delivery.job_id.in_(running))),
         )
         .values(started_at=now, heartbeat_at=now, updated_at=now, attempts=Delivery.attempts + 1)
     )
@@ -106,6 +132,21 @@ def job_outputs(session: Session, job_id: int) -> tuple[str, list[str], str | No
         .where(Job.id == job_id)
     ).one()
     return plugin, list(outputs or []), calling_ae
+
+
+def results_sent(session: Session, job_id: int, destination: str) -> bool:
+    """The job's results went to `destination` already (a flag still waiting for it is moot)."""
+    return session.execute(select(Delivery.id).where(Delivery.job_id == job_id, Delivery.destination == destination,
+                                                     Delivery.state == SENT)).first() is not None
+
+
+def flag_inputs(session: Session, job_id: int) -> tuple[dict[str, Any] | None, str | None]:
+    """What a flag message is made of: the job's recorded findings and one stored instance of its series
+    (relative path; None when the retention removed them)."""
+    findings, series_id = session.execute(select(Job.findings, Job.series_id).where(Job.id == job_id)).one()
+    path = session.execute(select(Instance.path).where(Instance.series_id == series_id).order_by(Instance.id)
+                           .limit(1)).scalar_one_or_none()
+    return findings, path
 
 
 def heartbeat(session: Session, delivery_id: int, now: datetime | None = None) -> bool:
@@ -165,16 +206,21 @@ def settle(session: Session, job_id: int, now: datetime) -> str | None:
     other still pending; the sweeper settles any job left behind all the same.
     """
     session.execute(select(Job.id).where(Job.id == job_id).with_for_update())
-    rows = session.execute(
+    rows = session.execute(  # a triage flag sent ahead is a head start, not part of the results
         select(Delivery.destination, Delivery.state, Delivery.attempts, Delivery.last_error)
-        .where(Delivery.job_id == job_id)
+        .where(Delivery.job_id == job_id, ~IS_FLAG)
         .order_by(Delivery.destination)
     ).all()
     if not rows or any(state == P for _, state, _, _ in rows):
         return None
     failed = [(name, attempts, err) for name, state, attempts, err in rows if state == FAILED]
     if not failed:
-        return JobState.DELIVERED if transition(session, job_id, JobState.ENCODED, JobState.DELIVERED, now) else None
+        if not transition(session, job_id, JobState.ENCODED, JobState.DELIVERED, now):
+            return None
+        session.execute(update(Delivery).where(Delivery.job_id == job_id, IS_FLAG, Delivery.state == P).values(
+            state=FAILED, updated_at=now, next_attempt_at=None,
+            last_error="not sent: the results, which carry the flag, went first"))
+        return JobState.DELIVERED
     reason = "; ".join(f"delivery to {name} failed after {n} attempt(s): {err}" for name, n, err in failed)
     done = transition(session, job_id, JobState.ENCODED, JobState.FAILED, now, fail_stage=FailStage.DISPATCH,
                       reason=reason[:4000])
@@ -211,7 +257,7 @@ def due(session: Session, now: datetime, *, resend_seconds: float, lost_seconds:
         select(Delivery.id)
         .join(Job, Job.id == Delivery.job_id)
         .where(
-            Job.state == JobState.ENCODED,
+            or_(Job.state == JobState.ENCODED, and_(IS_FLAG, Job.state == JobState.RUNNING)),
             Delivery.state == P,
             Delivery.started_at.is_(None),
             Delivery.next_attempt_at.is_not(None),
@@ -244,7 +290,7 @@ def redeliver(session: Session, job_id: int, now: datetime, *, everything: bool 
         raise NotRedeliverable(
             f"job {job_id}'s outputs were removed after the retention period: use `radnode jobs retry {job_id}`"
         )
-    rows = session.execute(select(Delivery.id, Delivery.state).where(Delivery.job_id == job_id)).all()
+    rows = session.execute(select(Delivery.id, Delivery.state).where(Delivery.job_id == job_id, ~IS_FLAG)).all()
     if not rows:
         raise NotRedeliverable(f"job {job_id} has no destinations (none configured when it was encoded)")
     chosen = [i for i, s in rows if everything or s == FAILED]

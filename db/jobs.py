@@ -12,7 +12,19 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from db.models import Delivery, DeliveryState, FailStage, Instance, Job, JobState, Series, SeriesState, Study, utcnow
+from db.models import (
+    Delivery,
+    DeliveryState,
+    FailStage,
+    Instance,
+    Job,
+    JobState,
+    Priority,
+    Series,
+    SeriesState,
+    Study,
+    utcnow,
+)
 
 Q, R, E, D, F, S = (
     JobState.QUEUED,
@@ -165,6 +177,14 @@ def start(session: Session, job_id: int, worker: str, now: datetime | None = Non
     now = now or utcnow()
     return transition(session, job_id, Q, R, now, attempts=Job.attempts + 1, worker=worker, heartbeat_at=now,
                       fail_stage=None, reason=None, **values)
+
+
+def record_flags(session: Session, job_id: int, findings: dict[str, Any], now: datetime | None = None) -> bool:
+    """A running job's findings are in and hold a positive triage flag: record them (the flag message is made
+    from them before the objects exist) and raise the job to stat priority. False when it is no longer running."""
+    stmt = update(Job).where(Job.id == job_id, Job.state == R).values(findings=findings, priority=Priority.STAT,
+                                                                      updated_at=now or utcnow())
+    return session.execute(stmt).rowcount == 1
 
 
 def heartbeat(session: Session, job_id: int, now: datetime | None = None) -> bool:

@@ -131,6 +131,50 @@ class ReturnToSender(_Destination):
     kind: Literal["return-to-sender"]
 
 
+class FhirDestination(_Destination):
+    """FHIR R4 server: one transaction Bundle per job (DiagnosticReport, Observations, ImagingStudy, Device),
+    derived from the job's findings and its SR (HL7 "DICOM SR to FHIR Resource Mapping")."""
+
+    kind: Literal["fhir"]
+    objects: list[Literal["SR", "SEG", "SC"]] = Field(
+        default_factory=lambda: ["SR"], min_length=1,
+        description="the objects the resources reference (derivedFrom); the SR is what they are mapped from")
+    url: str = Field(description="FHIR base URL, e.g. https://ehr.example.org/fhir")
+    username: str | None = None
+    password: SecretStr | None = None
+    token: SecretStr | None = Field(None, description="bearer token (instead of username/password)")
+    verify_tls: bool | Path = Field(True, description="verify the server certificate, or a CA bundle path")
+    report_status: Literal["final", "preliminary"] = Field(
+        "preliminary", description="DiagnosticReport.status: an AI result awaiting a radiologist is preliminary")
+    patient_identifier_system: str | None = Field(
+        None, description="Patient.identifier.system of the PACS patient IDs (e.g. urn:oid:1.2.3 of the issuer); "
+        "default: the IssuerOfPatientID of the source, else urn:dicom:patient-id")
+    flag_first: bool = Field(False, description="a positive triage flag is sent at once, as its own short "
+                             "message, before the full results")
+
+
+class Hl7v2Destination(_Destination):
+    """HL7 v2.5.1 ORU^R01 over MLLP (a RIS or interface engine): one message per job, OBX per finding."""
+
+    kind: Literal["hl7v2"]
+    objects: list[Literal["SR", "SEG", "SC"]] = Field(
+        default_factory=lambda: ["SR"], min_length=1, description="the objects the message refers to")
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: bool = False
+    tls_ca: Path | None = Field(None, description="CA bundle to verify the peer (TLS); default: system CAs")
+    tls_cert: Path | None = Field(None, description="client certificate (PEM) when the peer asks for one")
+    tls_key: Path | None = None
+    sending_application: str = Field("RADNODE", max_length=180)
+    sending_facility: str = Field("", max_length=180)
+    receiving_application: str = Field("", max_length=180)
+    receiving_facility: str = Field("", max_length=180)
+    result_status: Literal["P", "F"] = Field("P", description="OBR-25/OBX-11: P preliminary (default), F final")
+    ack_timeout_seconds: float = Field(30.0, gt=0, description="how long to wait for the ACK")
+    flag_first: bool = Field(False, description="a positive triage flag is sent at once, as its own short "
+                             "message, before the full results")
+
+
 class WatchOrthanc(_Config):
     """Pull side: follow an Orthanc's /changes and pull each study once it is stable there."""
 
@@ -141,8 +185,30 @@ class WatchOrthanc(_Config):
     from_start: bool = Field(False, description="first start: pull every stable study in the change log")
 
 
+class UpsWorklist(_Config):
+    """IHE AIW-I task performer: take AI tasks from a UPS-RS worklist (PS3.18 11), run the plugin each names
+    (ScheduledWorkitemCodeSequence: CodeValue = plugin name, scheme 99RADNODE) and complete the workitem."""
+
+    url: str = Field(description="UPS-RS service root; workitems are under <url>/workitems")
+    username: str | None = None
+    password: SecretStr | None = None
+    token: SecretStr | None = Field(None, description="bearer token (instead of username/password)")
+    verify_tls: bool | Path = Field(True, description="verify the server certificate, or a CA bundle path")
+    poll_seconds: float = Field(10.0, gt=0, description="how often the worklist is searched and claimed tasks "
+                                "are followed")
+    station_name: str | None = Field(None, max_length=16, description="the station name code radnode claims "
+                                     "as and reports as Performed Station; default our AE title")
+    only_our_station: bool = Field(False, description="take only workitems whose ScheduledStationNameCodeSequence "
+                                   "names station_name (unassigned ones are left to others)")
+    destinations: list[str] | None = Field(None, description="destination names the results go to; default all")
+    retrieve_from: str | None = Field(None, description="destination (kind dicom or dicomweb) the inputs are "
+                                      "fetched from when the workitem gives no usable retrieve location")
+
+
 Destination = Annotated[
-    DicomDestination | DicomwebDestination | OrthancDestination | ReturnToSender, Field(discriminator="kind")
+    DicomDestination | DicomwebDestination | OrthancDestination | ReturnToSender | FhirDestination
+    | Hl7v2Destination,
+    Field(discriminator="kind"),
 ]
 
 
@@ -284,6 +350,8 @@ class Settings(BaseSettings):
     watch_orthanc: WatchOrthanc | None = Field(
         None, description="pull studies from this Orthanc when they become stable (JSON in RADNODE_WATCH_ORTHANC)"
     )
+    ups_worklist: UpsWorklist | None = Field(
+        None, description="act as an IHE AIW-I task performer on this UPS-RS worklist (JSON in RADNODE_UPS_WORKLIST)")
     delivery_max_attempts: int = Field(8, ge=1, le=100, description="tries per destination before it is failed")
     delivery_backoff_seconds: float = Field(10.0, gt=0, description="wait before the first retry; doubles each try")
     delivery_backoff_max_seconds: float = Field(600.0, gt=0, description="longest wait between two tries")
@@ -340,6 +408,16 @@ class Settings(BaseSettings):
                 known = ", ".join(n for n, k in kinds.items() if k in ("dicom", "dicomweb")) or "none"
                 raise ValueError(f"priors_source {self.priors_source!r} must name a destination of kind dicom or "
                                  f"dicomweb (configured: {known})")
+        if self.ups_worklist is not None:
+            ups = self.ups_worklist
+            unknown = sorted(set(ups.destinations or []) - set(names))
+            if unknown:
+                raise ValueError(f"ups_worklist.destinations names unknown destination(s): {', '.join(unknown)}")
+            kinds = {d.name: d.kind for d in self.destinations}
+            if ups.retrieve_from is not None and kinds.get(ups.retrieve_from) not in ("dicom", "dicomweb"):
+                known = ", ".join(n for n, k in kinds.items() if k in ("dicom", "dicomweb")) or "none"
+                raise ValueError(f"ups_worklist.retrieve_from {ups.retrieve_from!r} must name a destination of kind "
+                                 f"dicom or dicomweb (configured: {known})")
         aes = [p.ae_title for p in self.peers]
         if len(set(aes)) != len(aes):
             raise ValueError("peers: each AE title may be listed once")

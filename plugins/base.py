@@ -78,6 +78,9 @@ class Manifest(_Model):
     outputs: list[Literal["SR", "SEG", "SC"]] = Field(default_factory=lambda: ["SR"])
     segments: list[SegmentSpec] = Field(default_factory=list)
     findings: list[Code] = Field(default_factory=list)
+    triage: list[Code] = Field(
+        default_factory=list, description="findings whose positive classification is a triage flag: the result "
+        "is dispatched first and marked urgent (critical) in FHIR/HL7 results; each must be among `findings`")
     queue: Literal["gpu", "cpu"] = "cpu"
     series: SeriesSelection = Field(default_factory=SeriesSelection)
     weights: str | None = Field(
@@ -164,7 +167,15 @@ class Manifest(_Model):
         labels = [s.label for s in self.segments]
         if len(labels) != len(set(labels)):
             raise ValueError("segment labels must be unique")
+        known = {(c.value, c.scheme) for c in self.findings}
+        stray = [c.meaning for c in self.triage if (c.value, c.scheme) not in known]
+        if stray:
+            raise ValueError(f"triage flags must be among the findings: {', '.join(stray)}")
         return self
+
+    def is_triage(self, concept: Code) -> bool:
+        """True when a positive classification of `concept` is a triage flag."""
+        return any((c.value, c.scheme) == (concept.value, concept.scheme) for c in self.triage)
 
 
 # --- what the core hands a plugin ---------------------------------------------------------------

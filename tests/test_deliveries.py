@@ -219,3 +219,60 @@ def test_sweeper_removes_outputs_after_the_retention(sessionmaker, tmp_path):
     assert sweeper.purge_outputs(utcnow() + timedelta(days=3)) == []  # once
     forever = Sweeper(sessionmaker, enqueuer=None, settings=Settings(data_dir=tmp_path, output_retention_days=0))
     assert forever.purge_outputs(utcnow() + timedelta(days=999)) == []
+
+
+def test_a_triage_flag_goes_ahead_and_never_holds_the_results(sessionmaker):
+    """A flag row (`ris:flag`) is claimable while the job still encodes, survives the results' prepare, and never
+    decides the job's state: results sent -> delivered, and a flag still waiting is closed as moot."""
+    job_id = _job(sessionmaker)
+    now = utcnow()
+    with sessionmaker.begin() as s:
+        assert jobs.start(s, job_id, "w1")
+        [flag] = deliveries.prepare_flags(s, job_id, ["ris"], now)
+    with sessionmaker.begin() as s:
+        c = deliveries.claim(s, flag, now)  # the job is running: a flag may go
+        assert c is not None and c.destination == "ris:flag" and deliveries.flag_of(c.destination) == "ris"
+        assert deliveries.succeeded(s, c, 1, now) is None  # the job is not settled by its flag
+    with sessionmaker.begin() as s:
+        assert jobs.transition(s, job_id, JobState.RUNNING, JobState.ENCODED, outputs=["/x/SR.dcm"])
+        ids = deliveries.prepare(s, job_id, ["ris", "pacs"], now)
+    assert flag not in ids and _delivery(sessionmaker, flag).state == "sent"  # kept as it was
+    ris, pacs = ids
+    with sessionmaker.begin() as s:
+        assert not deliveries.results_sent(s, job_id, "ris")
+        assert deliveries.succeeded(s, deliveries.claim(s, ris, now), 1, now) is None
+        assert deliveries.results_sent(s, job_id, "ris")
+        assert deliveries.succeeded(s, deliveries.claim(s, pacs, now), 3, now) == JobState.DELIVERED
+
+    # a second job: its flag failed for good -> the job is still delivered by its results
+    job2 = _job(sessionmaker, "p2")
+    with sessionmaker.begin() as s:
+        assert jobs.start(s, job2, "w1")
+        [flag2] = deliveries.prepare_flags(s, job2, ["ris"], now)
+        assert deliveries.attempt_failed(s, deliveries.claim(s, flag2, now), "AR", now, permanent=True,
+                                         **RETRY) == ("failed", None)
+        assert jobs.transition(s, job2, JobState.RUNNING, JobState.ENCODED, outputs=["/x/SR.dcm"])
+        [ris2] = deliveries.prepare(s, job2, ["ris"], now)
+        assert deliveries.succeeded(s, deliveries.claim(s, ris2, now), 1, now) == JobState.DELIVERED
+    with sessionmaker.begin() as s:  # an operator's redelivery never sends a flag after the results
+        assert deliveries.redeliver(s, job2, now, everything=True) == [ris2]
+
+
+def test_a_flag_left_waiting_is_closed_when_the_results_arrive(sessionmaker):
+    job_id = _job(sessionmaker)
+    now = utcnow()
+    with sessionmaker.begin() as s:
+        assert jobs.start(s, job_id, "w1")
+        [flag] = deliveries.prepare_flags(s, job_id, ["ris"], now)
+        assert jobs.transition(s, job_id, JobState.RUNNING, JobState.ENCODED, outputs=["/x/SR.dcm"])
+        [ris] = deliveries.prepare(s, job_id, ["ris"], now)
+        assert deliveries.succeeded(s, deliveries.claim(s, ris, now), 1, now) == JobState.DELIVERED
+    row = _delivery(sessionmaker, flag)
+    assert row.state == "failed" and "results" in row.last_error
+    # the job runs again and finds nothing to flag this time: the old flag row goes
+    with sessionmaker.begin() as s:
+        assert jobs.requeue(s, job_id)
+        assert jobs.start(s, job_id, "w2")
+        assert jobs.transition(s, job_id, JobState.RUNNING, JobState.ENCODED, outputs=["/x/SR.dcm"])
+        assert deliveries.prepare(s, job_id, ["ris"], now) == [ris]
+    assert _delivery(sessionmaker, flag) is None

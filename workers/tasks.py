@@ -19,7 +19,7 @@ from sqlalchemy.exc import NoResultFound, OperationalError
 
 from db import deliveries, jobs, records, workers
 from db.heartbeat import Heartbeat
-from db.models import FailStage, JobState, Series, Study, utcnow
+from db.models import FailStage, JobState, Priority, Series, Study, utcnow
 from db.session import make_engine, make_sessionmaker
 from node import metrics
 from node.dispatch.dispatcher import Dispatcher
@@ -31,7 +31,7 @@ from node.process import set_parent_death_signal
 from node.queueing.broker import TASK_DISPATCH, TASK_INFER, Enqueuer
 from node.results.common import ObjectRef, warm_up
 from node.settings import Settings, load_settings
-from plugins.base import Manifest, Plugin, WeightsUnavailable
+from plugins.base import Findings, Manifest, Plugin, WeightsUnavailable
 from plugins.registry import Discovery, discover, unavailable_reason
 from workers.celery_app import app
 
@@ -132,7 +132,8 @@ class WorkerRuntime:
             others.append(([stored / p for p in other_paths], _descriptions(other, other_study)))
             all_paths += other_paths
         revision = Revision.of(row, all_paths)
-        meta: dict[str, Any] = {"job_id": job_id}
+        triage = [c.model_dump() for c in manifest.triage]
+        meta: dict[str, Any] = {"job_id": job_id, "source_series_uid": series.series_uid, "triage": triage}
         gathered = Gathered()
         if manifest.priors is not None and rel_paths:
             t = time.perf_counter()
@@ -142,7 +143,8 @@ class WorkerRuntime:
         result = run_series(plugin, manifest, self.settings, [stored / p for p in rel_paths], descriptions,
                             series.series_uid, self.settings.outputs_dir / str(job_id), sha, meta=meta,
                             paths_by_uid={Path(p).stem: stored / p for p in rel_paths}, revision=revision.number,
-                            predecessors=revision.predecessors, priors=gathered.priors, others=others)
+                            predecessors=revision.predecessors, priors=gathered.priors, others=others,
+                            on_findings=functools.partial(self._flag_first, job_id, manifest, row, meta))
         result.warnings = list(dict.fromkeys([*gathered.warnings, *result.warnings]))
         timings |= result.timings
         common: dict[str, Any] = {"weights_sha256": sha}
@@ -155,7 +157,8 @@ class WorkerRuntime:
                 common |= {"warnings": result.warnings, "timings": timings}
             self._finish(job_id, jobs.fail, R, stage, result.reason, **common)
             return JobState.FAILED
-        findings = result.findings.to_json()
+        flags = triage_flags(manifest, result.findings)
+        findings = {**result.findings.to_json(), "triage": triage, "flags": flags}
         if result.state == "not-applicable":
             self._finish(job_id, jobs.skip, R, f"not applicable: {result.reason}", warnings=result.warnings,
                          findings=findings, timings=timings, **common)
@@ -168,7 +171,8 @@ class WorkerRuntime:
             done = jobs.transition(session, job_id, R, JobState.ENCODED, warnings=result.warnings, findings=findings,
                                    outputs=[str(p) for p in result.outputs], timings=timings,
                                    revision=revision.number, inputs_sha256=revision.inputs_sha256,
-                                   objects=[o.to_json() for o in result.objects], history=revision.history, **common)
+                                   objects=[o.to_json() for o in result.objects], history=revision.history,
+                                   **({"priority": Priority.STAT} if flags else {}), **common)
             names = self.destination_names(row["destinations"])
             delivery_ids = deliveries.prepare(session, job_id, names, utcnow()) if done else []
         if not done:
@@ -177,23 +181,53 @@ class WorkerRuntime:
         metrics.job_timings(manifest.name, timings)
         log.info("job %d encoded in %.2f s; delivering to %s", job_id,
                  sum(timings.values()) - timings.get("queue_wait", 0), ", ".join(names) or "no destination")
-        self.enqueue_dispatch(delivery_ids)
+        self.enqueue_dispatch(delivery_ids, Priority.STAT if flags or row["priority"] == Priority.STAT
+                              else Priority.ROUTINE)
         return JobState.ENCODED
+
+    def _flag_first(self, job_id: int, manifest: Manifest, row: Any, meta: dict[str, Any],
+                    findings: Findings) -> None:
+        """Findings are in, encoding starts: a positive triage flag goes at once to the destinations that take
+        flags first (its own delivery row, `<name>:flag`, sent at stat priority), with the findings recorded on
+        the job so the flag message can be made before the objects exist. Never raises: a failure here only
+        loses the head start (the full results still carry the flag)."""
+        flags = triage_flags(manifest, findings)
+        if not flags:
+            return
+        try:
+            names = [n for n in self.destination_names(row["destinations"])
+                     if getattr(self.settings.destination(n), "flag_first", False)]
+            with self.maker.begin() as session:
+                recorded = jobs.record_flags(session, job_id, {**findings.to_json(), **meta, "flags": flags,
+                                                               "plugin": manifest.name,
+                                                               "plugin_version": manifest.version})
+                ids = deliveries.prepare_flags(session, job_id, names, utcnow()) if recorded and names else []
+        except Exception:
+            log.exception("job %d: the triage flag could not be sent ahead; it goes with the results", job_id)
+            return
+        log.info("job %d: triage flag positive (%s)%s", job_id, ", ".join(f["meaning"] for f in flags),
+                 f"; sent ahead to {', '.join(names)}" if ids else "")
+        self.enqueue_dispatch(ids, Priority.STAT)
 
     def destination_names(self, chosen: list[str] | None) -> list[str]:
         """The destinations of a job: the ones its rule named, or every configured one."""
         return list(chosen) if chosen is not None else [d.name for d in self.settings.destinations]
 
-    def enqueue_dispatch(self, delivery_ids: list[int]) -> None:
+    def enqueue_dispatch(self, delivery_ids: list[int], priority: str = Priority.ROUTINE) -> None:
         """Send the delivery tasks after the commit; ones the broker refuses are sent by the sweeper."""
         if not delivery_ids:
             return
-        sent = self.enqueuer.send_dispatch(delivery_ids)
+        sent = self.enqueuer.send_dispatch(delivery_ids, priority)
         with self.maker.begin() as session:
             deliveries.mark_enqueued(session, sent, utcnow())
 
     def dispatch(self, delivery_id: int) -> str:
         return self.dispatcher.run(delivery_id)
+
+
+def triage_flags(manifest: Manifest, findings: Findings) -> list[dict[str, Any]]:
+    """The positive classifications the plugin declares triage flags, as coded concepts."""
+    return [c.concept.model_dump() for c in findings.classifications if c.positive and manifest.is_triage(c.concept)]
 
 
 def _descriptions(series: Series, study: Study) -> dict[str, str | None]:

@@ -4,6 +4,7 @@ to sender), one attempt per task, recorded in the delivery row; the sweeper send
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import ssl
 import time
@@ -12,17 +13,22 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import deliveries, jobs
 from db.heartbeat import Heartbeat
 from db.models import utcnow
 from node import metrics
+from node.dispatch.errors import DeliveryError
+from node.dispatch.report import JobReport, build_report
 from node.dispatch.scu import AssociationFailed, send
 from node.results import object_kind
 from node.settings import (
     DicomDestination,
     DicomwebDestination,
+    FhirDestination,
+    Hl7v2Destination,
     OrthancDestination,
     Peer,
     ReturnToSender,
@@ -32,14 +38,6 @@ from node.settings import (
 log = logging.getLogger("radnode.dispatch")
 
 TIMEOUT = 60.0  # seconds for one HTTP request or DIMSE exchange
-
-
-class DeliveryError(Exception):
-    """A delivery attempt failed. `permanent` errors (configuration) are not retried."""
-
-    def __init__(self, message: str, permanent: bool = False) -> None:
-        super().__init__(message)
-        self.permanent = permanent
 
 
 def result_files(outputs: Sequence[str], kinds: Collection[str] = ("SR", "SEG", "SC")) -> list[Path]:
@@ -164,17 +162,58 @@ def send_to(dest: Any, files: list[Path], settings: Settings, sender_ae: str | N
     raise DeliveryError(f"unknown destination kind {type(dest).__name__}", permanent=True)
 
 
+# --- results as a report (FHIR, HL7 v2) -------------------------------------------------------------------
+
+REPORT_KINDS = (FhirDestination, Hl7v2Destination)
+
+
+def job_report(job_id: int, outputs: Sequence[str], dest: FhirDestination | Hl7v2Destination, source: Path | None,
+               flag_findings: dict[str, Any] | None) -> JobReport:
+    """The report a FHIR or HL7 v2 destination gets: from findings.json and the result objects, or, for a triage
+    flag sent ahead (`flag_findings`, the findings recorded on the job), from those alone. Patient and study come
+    from a stored instance of the source series (`source`), else from the SR. Raises DeliveryError (permanent)."""
+    objects: list[Dataset] = []
+    if flag_findings is None:
+        document = next((Path(p) for p in outputs if Path(p).name == "findings.json"), None)
+        if document is None or not document.is_file():
+            raise DeliveryError("findings.json missing; retry the job to write it again", permanent=True)
+        findings = json.loads(document.read_text(encoding="utf-8"))
+        objects = [dcmread(f, stop_before_pixels=True) for f in result_files(outputs, dest.objects)]
+    else:
+        findings = flag_findings
+    header = dcmread(source, stop_before_pixels=True) if source is not None and source.is_file() else None
+    if header is None and not objects:
+        raise DeliveryError("no header to take the patient and study from: the source instances were removed "
+                            "and the job has no result object for this destination", permanent=True)
+    return build_report(job_id, findings, header if header is not None else objects[0], objects,
+                        flag_only=flag_findings is not None)
+
+
+def send_report(dest: FhirDestination | Hl7v2Destination, report: JobReport) -> int:
+    """Send one job's report. Returns the number of resources or messages the destination took. Raises
+    DeliveryError."""
+    if isinstance(dest, FhirDestination):
+        from node.dispatch.fhir import send_fhir
+
+        return send_fhir(report, dest)
+    from node.dispatch.hl7v2 import send_hl7v2
+
+    return send_hl7v2(report, dest)
+
+
 # --- one attempt ----------------------------------------------------------------------------------------
 
 
 Sender = Callable[[Any, list[Path], Settings, str | None], int]
+Reporter = Callable[[Any, JobReport], int]
 
 
 class Dispatcher:
     """Runs one delivery attempt and records its outcome (the task body of `radnode.dispatch`)."""
 
-    def __init__(self, settings: Settings, maker: sessionmaker[Session], sender: Sender = send_to) -> None:
-        self.settings, self.maker, self.sender = settings, maker, sender
+    def __init__(self, settings: Settings, maker: sessionmaker[Session], sender: Sender = send_to,
+                 reporter: Reporter = send_report) -> None:
+        self.settings, self.maker, self.sender, self.reporter = settings, maker, sender, reporter
 
     def run(self, delivery_id: int) -> str:
         """Attempt delivery `delivery_id` if it is due and nobody else holds it. Returns what happened:
@@ -187,15 +226,25 @@ class Dispatcher:
                 log.info("delivery %d not due or held elsewhere; task ignored", delivery_id)
                 return "duplicate"
             plugin, outputs, sender_ae = deliveries.job_outputs(session, claim.job_id)
+            flag_to = deliveries.flag_of(claim.destination)
+            recorded, source_path = deliveries.flag_inputs(session, claim.job_id)
+            moot = flag_to is not None and deliveries.results_sent(session, claim.job_id, flag_to)
         t = time.perf_counter()
         beat = functools.partial(deliveries.heartbeat, delivery_id=delivery_id)
         error: DeliveryError | None = None
         with Heartbeat(self.maker, beat, s.job_heartbeat_seconds, f"delivery {delivery_id}"):
             try:
-                dest = s.destination(claim.destination)
-                files = result_files(outputs, dest.objects)
-                # a job may have none of the kinds this destination takes (an SR-only job, a SEG-only PACS)
-                count = self.sender(dest, files, s, sender_ae) if files else 0
+                dest = s.destination(flag_to or claim.destination)
+                if moot:  # the results, which carry the flag, are there already: a late flag would demote them
+                    count = 0
+                elif isinstance(dest, REPORT_KINDS):
+                    source = s.instances_dir / source_path if source_path else None
+                    report = job_report(claim.job_id, outputs, dest, source, recorded if flag_to else None)
+                    count = self.reporter(dest, report)
+                else:
+                    files = result_files(outputs, dest.objects)
+                    # a job may have none of the kinds this destination takes (an SR-only job, a SEG-only PACS)
+                    count = self.sender(dest, files, s, sender_ae) if files else 0
             except KeyError:
                 error = DeliveryError(f"destination {claim.destination!r} is not configured on this worker",
                                       permanent=True)

@@ -97,20 +97,24 @@ def run_series(plugin: Plugin, manifest: Manifest, settings: Settings, files: Se
                meta: Mapping[str, Any] | None = None, paths_by_uid: Mapping[str, Path] | None = None,
                step: Callable[[str], None] = _quiet, revision: int = 0,
                predecessors: Sequence[ObjectRef] = (), priors: Sequence[Prior] = (),
-               others: Sequence[tuple[Sequence[Path], Mapping[str, str | None]]] = ()) -> SeriesResult:
+               others: Sequence[tuple[Sequence[Path], Mapping[str, str | None]]] = (),
+               on_findings: Callable[[Findings], None] | None = None) -> SeriesResult:
     """Load, run and encode one series: SEG/SR/SC and findings.json in `out_dir` (state encoded,
     not-applicable or failed), with provenance from the settings.
 
     `meta` leads findings.json's run description (plugin, version, weights SHA-256, source instances);
     `paths_by_uid` maps SOP Instance UIDs to `files` (read from the headers when not given). `revision` > 0
     makes new UIDs for a series that changed after its earlier results, and the SR names `predecessors`
-    (the earlier SR) in its Predecessor Documents Sequence. Never raises
-    for bad input, a failing plugin or an encoder error: the result says why.
+    (the earlier SR) in its Predecessor Documents Sequence. `on_findings` is called with the findings before
+    encoding starts (a triage flag is sent from there). Never raises for bad input, a failing plugin or an
+    encoder error: the result says why (`on_findings` must not raise either).
     """
     result = run_model(plugin, manifest, files, descriptions, step, priors, others)
     if result.state != "inferred":
         return result
     assert result.image is not None and result.findings is not None
+    if on_findings is not None:
+        on_findings(result.findings)
     step("writing SEG/SR/SC")
     t = time.perf_counter()
     try:

@@ -85,16 +85,18 @@ class Enqueuer:
         """Send the inference task for one job. Raises kombu/celery errors when the broker is down."""
         self.app.send_task(TASK_INFER, args=[job_id], queue=queue, priority=PRIORITY.get(priority, PRIORITY["routine"]))
 
-    def dispatch(self, delivery_id: int) -> None:
-        """Send the delivery task for one delivery row (its own queue: a PACS outage never holds a GPU)."""
-        self.app.send_task(TASK_DISPATCH, args=[delivery_id], queue=DISPATCH_QUEUE)
+    def dispatch(self, delivery_id: int, priority: str = "routine") -> None:
+        """Send the delivery task for one delivery row (its own queue: a PACS outage never holds a GPU); a
+        triage-flagged result goes at stat priority, ahead of routine deliveries waiting on the broker."""
+        self.app.send_task(TASK_DISPATCH, args=[delivery_id], queue=DISPATCH_QUEUE,
+                           priority=PRIORITY.get(priority, PRIORITY["routine"]))
 
-    def send_dispatch(self, delivery_ids: list[int]) -> list[int]:
+    def send_dispatch(self, delivery_ids: list[int], priority: str = "routine") -> list[int]:
         """Send delivery tasks in order; stops at the first broker error (the sweeper sends the rest)."""
         sent = []
         for delivery_id in delivery_ids:
             try:
-                self.dispatch(delivery_id)
+                self.dispatch(delivery_id, priority)
             except Exception:
                 log.exception("broker unavailable: delivery %d stays pending and will be sent again", delivery_id)
                 break

@@ -67,6 +67,7 @@ MANIFEST = Manifest(
     modalities=["CT"],
     outputs=["SR", "SC"],
     findings=[PATHOLOGY, *FINDINGS.values(), MISSING_SLICES],
+    triage=[PATHOLOGY],
     queue="gpu",
     series=SeriesSelection(body_parts=["CHEST"], min_slices=20),
     weights="model.safetensors",

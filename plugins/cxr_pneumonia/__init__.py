@@ -29,6 +29,7 @@ MANIFEST = Manifest(
     modalities=["CR", "DX"],
     outputs=["SR", "SC"],
     findings=[PNEUMONIA],
+    triage=[PNEUMONIA],
     queue="gpu",
     series=SeriesSelection(body_parts=["CHEST"]),
     weights="model.safetensors",
