@@ -286,6 +286,13 @@ def redeliver(session: Session, job_id: int, now: datetime, *, everything: bool 
         raise NotRedeliverable(f"job {job_id} is {state}: its results are not written yet")
     if state == JobState.SKIPPED or (state == JobState.FAILED and job.fail_stage != FailStage.DISPATCH):
         raise NotRedeliverable(f"job {job_id} is {state} with no results to send: use `radnode jobs retry {job_id}`")
+    if job.rollout == "silent":
+        raise NotRedeliverable(f"job {job_id} ran in silent mode: its results are never delivered; switch the "
+                               f"plugin or rule to live and retry the job")
+    if job.review_state in ("pending", "rejected"):
+        raise NotRedeliverable(f"job {job_id} " + ("waits for a review: accept it to deliver it"
+                                                   if job.review_state == "pending" else
+                                                   f"was rejected by {job.reviewed_by}: it is never sent"))
     if job.outputs_removed_at is not None:
         raise NotRedeliverable(
             f"job {job_id}'s outputs were removed after the retention period: use `radnode jobs retry {job_id}`"

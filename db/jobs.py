@@ -85,6 +85,9 @@ class NewJob:
     destinations: list[str] | None = None  # None: every configured destination
     not_before: datetime | None = None  # held until then (the rule's hours)
     extra_series: list[str] | None = None  # a multi-series plugin's other series (Series Instance UIDs)
+    rollout: str = "live"  # the rule's roll-out mode (db.review: an operator's override wins at run time)
+    review_hours: float | None = None
+    review_timeout: str = "discard"
 
 
 def _insert(session: Session):
@@ -104,7 +107,8 @@ def create_jobs(session: Session, series_id: int, jobs: Sequence[NewJob], now: d
                 series_id=series_id, plugin=job.plugin, plugin_version=job.plugin_version, rule=job.rule,
                 queue=job.queue, priority=job.priority, destinations=job.destinations, state=JobState.QUEUED,
                 attempts=0, created_at=now, updated_at=now, queued_at=now, not_before=job.not_before,
-                extra_series=job.extra_series,
+                extra_series=job.extra_series, rollout=job.rollout, review_hours=job.review_hours,
+                review_timeout=job.review_timeout,
             )
             .on_conflict_do_nothing(index_elements=["series_id", "plugin"])
             .returning(Job.id)
@@ -353,6 +357,13 @@ def job_dict(job: Job, series_uid: str, study_uid: str) -> dict[str, Any]:
         "objects": job.objects or [],
         "history": job.history or [],
         "extra_series": job.extra_series or [],
+        "rollout": job.rollout or "live",
+        "review_state": job.review_state,
+        "reviewed_by": job.reviewed_by,
+        "reviewed_at": _iso(job.reviewed_at),
+        "review_note": job.review_note,
+        "review_due_at": _iso(job.review_due_at),
+        "input_stats": job.input_stats,
         "started_at": _iso(job.started_at),
         "encoded_at": _iso(job.encoded_at),
         "delivered_at": _iso(job.delivered_at),

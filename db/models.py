@@ -77,6 +77,19 @@ class Priority(enum.StrEnum):
     ROUTINE = "routine"
 
 
+class Rollout(enum.StrEnum):
+    LIVE = "live"
+    SILENT = "silent"
+    REVIEW = "review"
+
+
+class ReviewState(enum.StrEnum):
+    PENDING = "pending"
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+
+
 class DeliveryState(enum.StrEnum):
     PENDING = "pending"
     SENT = "sent"
@@ -205,6 +218,18 @@ class Job(Base):
     timings: Mapped[dict | None] = mapped_column(JSON, doc="seconds per stage of the last attempt")
     destinations: Mapped[list | None] = mapped_column(JSON, doc="destination names the rule chose; null = all")
     outputs_removed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, doc="outputs deleted (retention)")
+    rollout: Mapped[str] = mapped_column(String(16), default=Rollout.LIVE, server_default=Rollout.LIVE,
+                                         doc="the mode it ran under: live, silent (never delivered), review")
+    review_hours: Mapped[float | None] = mapped_column(Float, doc="review mode: how long a result may wait")
+    review_timeout: Mapped[str | None] = mapped_column(String(16), doc="review mode, after review_hours: deliver "
+                                                       "or discard")
+    review_state: Mapped[str | None] = mapped_column(String(16), doc="review mode: pending, accepted, rejected, "
+                                                     "expired")
+    reviewed_by: Mapped[str | None] = mapped_column(String(64), doc="who accepted or rejected it")
+    reviewed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    review_note: Mapped[str | None] = mapped_column(Text)
+    review_due_at: Mapped[datetime | None] = mapped_column(UTCDateTime, doc="the review's timeout")
+    input_stats: Mapped[dict | None] = mapped_column(JSON, doc="the loader's statistics of the input (monitoring)")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -221,6 +246,8 @@ class Job(Base):
     __table_args__ = (
         UniqueConstraint("series_id", "plugin", name="uq_job_series_plugin"),
         Index("ix_job_outputs_removed_updated", "outputs_removed_at", "updated_at"),  # output retention
+        Index("ix_job_review_due", "review_state", "review_due_at"),  # the sweeper's review timeouts
+        Index("ix_job_created", "created_at"),  # monitoring windows
     )
 
 
@@ -247,6 +274,44 @@ class Delivery(Base):
     __table_args__ = (
         UniqueConstraint("job_id", "destination", name="uq_delivery_job_destination"),
         Index("ix_delivery_state_next", "state", "next_attempt_at"),
+    )
+
+
+class RolloutMode(Base):
+    """An operator's rollout mode for a plugin or a rule, set at run time (overrides the rules file)."""
+
+    __tablename__ = "rollout_mode"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    scope: Mapped[str] = mapped_column(String(16), doc="plugin or rule")
+    name: Mapped[str] = mapped_column(String(64))
+    mode: Mapped[str] = mapped_column(String(16))
+    review_hours: Mapped[float | None] = mapped_column(Float, doc="review mode: how long a result waits")
+    on_timeout: Mapped[str | None] = mapped_column(String(16), doc="review mode: deliver, discard or keep")
+    updated_by: Mapped[str | None] = mapped_column(String(64))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (UniqueConstraint("scope", "name", name="uq_rollout_scope_name"),)
+
+
+class Feedback(Base):
+    """A reader's verdict on a job's result, one finding or one segment. Insert-only: the history is kept."""
+
+    __tablename__ = "feedback"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("job.id"))
+    reader: Mapped[str] = mapped_column(String(64), doc="API token name or dashboard login")
+    target_kind: Mapped[str] = mapped_column(String(16), doc="result, finding or segment")
+    target: Mapped[str] = mapped_column(String(128), doc="'' (result), SCHEME:CODE (finding), segment label")
+    verdict: Mapped[str] = mapped_column(String(16), doc="agree, disagree (result, finding); accept, reject, "
+                                         "edited (segment)")
+    comment: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (
+        Index("ix_feedback_job_created", "job_id", "created_at"),
+        Index("ix_feedback_created", "created_at"),
     )
 
 

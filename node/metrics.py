@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -104,10 +105,14 @@ def dicom_rejected(reason: str) -> None:
 
 class JobTableCollector:
     """Gauges read from the job table at scrape time: jobs by plugin and state, queue depth, deliveries by
-    destination and state, series by state, live workers, and free disk space of the data folder."""
+    destination and state, series by state, live workers, and free disk space of the data folder; with `drift` (a
+    function returning (plugin, statistic, kind, score, warning) rows, e.g. node.monitor's, cached by its caller)
+    also the drift check's score and warning per plugin and statistic."""
 
-    def __init__(self, sessionmaker: Any, data_path: Path, heartbeat_seconds: float) -> None:
+    def __init__(self, sessionmaker: Any, data_path: Path, heartbeat_seconds: float,
+                 drift: Callable[[], list[tuple[str, str, str, float, bool]]] | None = None) -> None:
         self.sessionmaker, self.data_path, self.heartbeat_seconds = sessionmaker, data_path, heartbeat_seconds
+        self.drift = drift
 
     def describe(self) -> list:
         return []  # computed per scrape; nothing to check at registration
@@ -141,6 +146,26 @@ class JobTableCollector:
         total = GaugeMetricFamily("radnode_disk_total_bytes", "Size of the data folder's file system")
         total.add_metric([], usage.total)
         yield from (jobs, depth, deliveries, series, workers, disk, total)
+        if self.drift is not None:
+            yield from drift_families(self.drift())
+
+
+def drift_families(rows: list[tuple[str, str, str, float, bool]]) -> tuple[Any, Any]:
+    """The drift gauges: score per plugin, statistic and kind (psi, ks, ks_pvalue), warning (0/1) per plugin and
+    statistic."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    score = GaugeMetricFamily("radnode_drift_score", "Drift of a plugin's input/output statistic, last window against "
+                              "the reference: PSI, KS statistic or KS p value", labels=["plugin", "statistic", "kind"])
+    warning = GaugeMetricFamily("radnode_drift_warning", "1 when the drift check warns for this plugin and statistic",
+                                labels=["plugin", "statistic"])
+    warned: dict[tuple[str, str], bool] = {}
+    for plugin, statistic, kind, value, warn in rows:
+        score.add_metric([plugin, statistic, kind], value)
+        warned[(plugin, statistic)] = warned.get((plugin, statistic), False) or warn
+    for (plugin, statistic), warn in warned.items():
+        warning.add_metric([plugin, statistic], float(warn))
+    return score, warning
 
 
 def exposition(collector: JobTableCollector) -> tuple[bytes, str]:

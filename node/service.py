@@ -167,6 +167,17 @@ class Node:
             self._start_worker()
         if s.watch_orthanc is not None:
             self._start_watcher()
+        if s.ups_worklist is not None:
+            self._start_performer()
+
+    def _start_performer(self) -> None:
+        """IHE AIW-I task performer: follow the UPS worklist in a thread of this process (stopped with the node;
+        its workitems are recorded, so a restart resumes them)."""
+        from node.ups.performer import Performer
+
+        performer = Performer(self.settings, self.sessionmaker, self.discovery.manifests)
+        self.performer = threading.Thread(target=performer.run, args=(self.stop,), name="ups-performer", daemon=True)
+        self.performer.start()
 
     def _start_watcher(self) -> None:
         """Pull side: follow the configured Orthanc's /changes in a thread of this process."""
@@ -263,6 +274,9 @@ class Node:
         lines.append(f"rules: {len(self.rules.rules)} from {s.rules_file or 'the default rules'}")
         if s.watch_orthanc is not None:
             lines.append(f"watching Orthanc {_hide_password(s.watch_orthanc.url)} for stable studies")
+        if s.ups_worklist is not None:
+            lines.append(f"UPS worklist {_hide_password(s.ups_worklist.url)}: task performer as station "
+                         f"{s.ups_worklist.station_name or s.ae_title}, every {s.ups_worklist.poll_seconds:g} s")
         for dest in s.destinations:
             lines.append(f"destination {dest.name}: {describe_destination(dest)}")
         if not s.destinations:
@@ -347,6 +361,8 @@ class Node:
                 proc.kill()
         if worker_processes:
             self._stop_worker(worker_processes, deadline)
+        if getattr(self, "performer", None) is not None:
+            self.performer.join(timeout=10)  # a retrieval under way is resumed after a restart
         if hasattr(self, "enqueuer"):
             self.enqueuer.close()
         log.info("node stopped")

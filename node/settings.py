@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -365,6 +366,28 @@ class Settings(BaseSettings):
     log_json: bool = Field(False, description="log as JSON lines")
     log_level: str = Field("INFO")
     uid_hash_salt: SecretStr = Field(SecretStr(""), description="salt for the UID hashes in logs")
+    monitoring_window_days: float = Field(7.0, gt=0, description="drift check: the last window, in days")
+    monitoring_reference_days: float = Field(28.0, gt=0, description="drift check: the reference window, the days "
+                                             "before the last window (unless a reference period is pinned)")
+    monitoring_reference_from: datetime | None = Field(None, description="drift check: a pinned reference period "
+                                                       "from (ISO 8601 with zone), with monitoring_reference_to")
+    monitoring_reference_to: datetime | None = Field(None, description="drift check: the pinned period's end")
+    monitoring_psi_threshold: float = Field(0.2, gt=0, description="drift warning when a population stability "
+                                            "index exceeds this")
+    monitoring_ks_alpha: float = Field(0.01, gt=0, lt=1, description="drift warning when a Kolmogorov-Smirnov p "
+                                       "value is below this")
+    monitoring_min_samples: int = Field(20, ge=2, description="drift check: jobs needed in each window")
+
+    @model_validator(mode="after")
+    def _monitoring_reference(self) -> Settings:
+        start, end = self.monitoring_reference_from, self.monitoring_reference_to
+        if (start is None) != (end is None):
+            raise ValueError("monitoring_reference_from and monitoring_reference_to must be set together")
+        if start is not None and (start.tzinfo is None or end.tzinfo is None):
+            raise ValueError("monitoring_reference_from/to need a time zone (e.g. 2026-11-01T00:00:00Z)")
+        if start is not None and start >= end:
+            raise ValueError("monitoring_reference_from must be before monitoring_reference_to")
+        return self
 
     @field_validator("ae_title")
     @classmethod

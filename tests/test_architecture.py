@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("node", "db", "workers", "plugins")
 
 ENTRY = ("node.cli", "node.service", "node.api", "node.demo", "workers")
-STEPS = ("node.ingest", "node.route", "node.pipeline", "node.dispatch", "node.queueing")
+STEPS = ("node.ingest", "node.route", "node.pipeline", "node.dispatch", "node.queueing", "node.monitor")
 SHARED = ("node.dicom", "node.imaging", "node.results")
 FOUNDATION = ("node", "node.settings", "node.logs", "node.metrics", "node.files", "node.process")
 

@@ -17,9 +17,9 @@ from typing import Any
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 from sqlalchemy.exc import NoResultFound, OperationalError
 
-from db import deliveries, jobs, records, workers
+from db import deliveries, jobs, records, review, workers
 from db.heartbeat import Heartbeat
-from db.models import FailStage, JobState, Priority, Series, Study, utcnow
+from db.models import FailStage, JobState, Priority, Rollout, Series, Study, utcnow
 from db.session import make_engine, make_sessionmaker
 from node import metrics
 from node.dispatch.dispatcher import Dispatcher
@@ -27,6 +27,7 @@ from node.logs import job_context, uid_hash
 from node.pipeline.inference import load_plugin
 from node.pipeline.prior_images import Gathered, gather_priors
 from node.pipeline.run import run_series
+from node.pipeline.stats import input_stats
 from node.process import set_parent_death_signal
 from node.queueing.broker import TASK_DISPATCH, TASK_INFER, Enqueuer
 from node.results.common import ObjectRef, warm_up
@@ -93,13 +94,15 @@ class WorkerRuntime:
             if not jobs.start(session, job_id, self.name, plugin_version=manifest.version):
                 log.info("job %d was taken by another worker", job_id)
                 return "duplicate"
+            mode = review.effective(session, job_id)  # the mode it runs under, overrides applied now
+            review.record(session, job_id, mode)
         log.info("job %d started: plugin %s on series %s", job_id, manifest.name, uid_hash(series.series_uid))
         beat = functools.partial(jobs.heartbeat, job_id=job_id)
         with Heartbeat(self.maker, beat, self.settings.job_heartbeat_seconds, f"job {job_id}"):
-            return self._run(job_id, manifest, series, study, rel_paths, row)
+            return self._run(job_id, manifest, series, study, rel_paths, row, mode)
 
     def _run(self, job_id: int, manifest: Manifest, series: Series, study: Study, rel_paths: list[str],
-             row: Any) -> str:
+             row: Any, mode: review.Mode) -> str:
         """Load the model (once per process), then `run_series`; its result becomes the job's next state."""
         timings: dict[str, float] = {}
         if row["enqueued_at"] is not None:
@@ -144,10 +147,12 @@ class WorkerRuntime:
                             series.series_uid, self.settings.outputs_dir / str(job_id), sha, meta=meta,
                             paths_by_uid={Path(p).stem: stored / p for p in rel_paths}, revision=revision.number,
                             predecessors=revision.predecessors, priors=gathered.priors, others=others,
-                            on_findings=functools.partial(self._flag_first, job_id, manifest, row, meta))
+                            on_findings=functools.partial(self._flag_first, job_id, manifest, row, meta, mode))
         result.warnings = list(dict.fromkeys([*gathered.warnings, *result.warnings]))
         timings |= result.timings
         common: dict[str, Any] = {"weights_sha256": sha}
+        if result.image is not None:
+            common["input_stats"] = input_stats(result.image)
         if result.state == "failed":
             if result.error is not None:
                 what = {"image": "image load", "model": f"plugin {manifest.name}"}.get(result.failed_at, "encoding")
@@ -173,26 +178,31 @@ class WorkerRuntime:
                                    revision=revision.number, inputs_sha256=revision.inputs_sha256,
                                    objects=[o.to_json() for o in result.objects], history=revision.history,
                                    **({"priority": Priority.STAT} if flags else {}), **common)
-            names = self.destination_names(row["destinations"])
+            names = self.destination_names(row["destinations"]) if mode.mode != Rollout.SILENT else []
             delivery_ids = deliveries.prepare(session, job_id, names, utcnow()) if done else []
+            if done and mode.mode == Rollout.REVIEW:  # nothing goes out until a reader accepts it
+                review.park(session, job_id, delivery_ids, mode, utcnow())
+                delivery_ids = []
         if not done:
             log.warning("job %d finished here but was taken back meanwhile; result left to the new run", job_id)
             return "superseded"
         metrics.job_timings(manifest.name, timings)
-        log.info("job %d encoded in %.2f s; delivering to %s", job_id,
-                 sum(timings.values()) - timings.get("queue_wait", 0), ", ".join(names) or "no destination")
+        going = {Rollout.SILENT: "silent mode: kept here, never delivered",
+                 Rollout.REVIEW: f"review mode: {', '.join(names) or 'no destination'} after a reader accepts it"
+                 }.get(mode.mode, f"delivering to {', '.join(names) or 'no destination'}")
+        log.info("job %d encoded in %.2f s; %s", job_id, sum(timings.values()) - timings.get("queue_wait", 0), going)
         self.enqueue_dispatch(delivery_ids, Priority.STAT if flags or row["priority"] == Priority.STAT
                               else Priority.ROUTINE)
         return JobState.ENCODED
 
-    def _flag_first(self, job_id: int, manifest: Manifest, row: Any, meta: dict[str, Any],
+    def _flag_first(self, job_id: int, manifest: Manifest, row: Any, meta: dict[str, Any], mode: review.Mode,
                     findings: Findings) -> None:
         """Findings are in, encoding starts: a positive triage flag goes at once to the destinations that take
         flags first (its own delivery row, `<name>:flag`, sent at stat priority), with the findings recorded on
         the job so the flag message can be made before the objects exist. Never raises: a failure here only
         loses the head start (the full results still carry the flag)."""
         flags = triage_flags(manifest, findings)
-        if not flags:
+        if not flags or mode.mode != Rollout.LIVE:  # silent and review results send nothing, flags included
             return
         try:
             names = [n for n in self.destination_names(row["destinations"])
@@ -207,7 +217,22 @@ class WorkerRuntime:
             return
         log.info("job %d: triage flag positive (%s)%s", job_id, ", ".join(f["meaning"] for f in flags),
                  f"; sent ahead to {', '.join(names)}" if ids else "")
-        self.enqueue_dispatch(ids, Priority.STAT)
+        if not ids:
+            return
+        # Sent from here, beside the encoding: as a task it would wait behind this very job on a worker with one
+        # process (the embedded default). One attempt each; a failed one is retried by the sweeper, and a worker
+        # that dies mid-send stops its heartbeat, so the attempt is released.
+        with self.maker.begin() as session:
+            deliveries.mark_enqueued(session, ids, utcnow())
+        for delivery_id in ids:
+            threading.Thread(target=self._send_flag, args=(delivery_id,), name=f"flag-{delivery_id}",
+                             daemon=True).start()
+
+    def _send_flag(self, delivery_id: int) -> None:
+        try:
+            self.dispatcher.run(delivery_id)
+        except Exception:  # the database: the sweeper sends it again
+            log.exception("delivery %d: the triage flag could not be sent from the worker", delivery_id)
 
     def destination_names(self, chosen: list[str] | None) -> list[str]:
         """The destinations of a job: the ones its rule named, or every configured one."""

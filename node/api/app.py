@@ -129,7 +129,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     from db.migrate import alembic_config
     from db.session import make_engine, make_sessionmaker
-    from node.api import dashboard, infer, routing, stow, v1
+    from node.api import dashboard, feedback, infer, routing, stow, v1
     from node.ingest.ingest import Ingest
     from node.queueing.broker import Enqueuer
     from plugins.registry import discover
@@ -149,7 +149,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.discovery = discover()
     app.state.enqueuer = Enqueuer(settings)
     app.state.collector = metrics.JobTableCollector(app.state.sessionmaker, settings.data_path,
-                                                    settings.job_heartbeat_seconds)
+                                                    settings.job_heartbeat_seconds, feedback.drift_gauges(app))
 
     @app.exception_handler(SQLAlchemyError)
     async def _database_down(request: Request, exc: SQLAlchemyError) -> JSONResponse:
@@ -182,8 +182,13 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(v1.router)
     app.include_router(infer.router)
     app.include_router(stow.router)
+    from node.api import ups  # UPS-RS worklist provider (/dicomweb/workitems)
+
+    app.include_router(ups.router)
     app.include_router(dashboard.router)
     app.include_router(routing.router)
+    app.include_router(feedback.router)
+    app.include_router(feedback.ui)
     app.add_middleware(Guard, limit=settings.max_upload_bytes)
     return app
 

@@ -245,7 +245,10 @@ def older_page(request: Request, jobs: list[dict[str, Any]], limit: int) -> str 
 
 @router.get("/jobs/{job_id}")
 def job_page(request: Request, job_id: JobId) -> Response:
-    """One job: states and times, stage timings, warnings, error, deliveries, findings, outputs, previews."""
+    """One job: states and times, stage timings, warnings, error, deliveries, findings, outputs, previews, the review
+    buttons and the feedback forms with the feedback history."""
+    from db.feedback import history
+
     who = viewer(request)
     if who is None:
         return login_redirect(request)
@@ -255,8 +258,10 @@ def job_page(request: Request, job_id: JobId) -> Response:
         return page(request, "error.html", {"who": who, "status": exc.status_code, "detail": exc.detail},
                     exc.status_code)
     names = [Path(o).name for o in job["outputs"]]
+    with request.app.state.sessionmaker() as session:
+        feedback = history(session, job_id)
     context = {
-        "who": who, "job": job, "findings": job["findings"] or {},
+        "who": who, "job": job, "findings": job["findings"] or {}, "feedback": feedback,
         "outputs": names, "previews": [n[:-4] for n in names if n.endswith(".dcm") and SC_NAME.fullmatch(n[:-4])],
         "downloadable": job["state"] in FINISHED and not job["outputs_removed_at"] and bool(names),
         "timings": stage_timings(job["timings"]), "refresh": 0 if settled(job) else refresh_seconds(request),

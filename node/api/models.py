@@ -86,6 +86,14 @@ class JobOut(_Out):
     objects: list[dict[str, str]] = Field([], description="the DICOM objects of this revision (kind and UIDs)")
     history: list[dict[str, Any]] = Field([], description="earlier revisions: objects, superseded_at, reason")
     extra_series: list[str] = Field([], description="a multi-series plugin's other series of the study (UIDs)")
+    rollout: str = Field("live", description="the mode it ran under: live, silent (never delivered) or review")
+    review_state: str | None = Field(None, description="review mode: pending, accepted, rejected or expired")
+    reviewed_by: str | None = None
+    reviewed_at: str | None = None
+    review_note: str | None = None
+    review_due_at: str | None = Field(None, description="review mode: when the review times out")
+    input_stats: dict[str, Any] | None = Field(None, description="what the loader saw: scanner, geometry, "
+                                               "intensities (monitoring)")
     started_at: str | None
     encoded_at: str | None
     delivered_at: str | None

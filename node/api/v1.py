@@ -7,11 +7,12 @@ import json
 import zipfile
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field
 
 from db.models import JobState, utcnow
 from node.api.auth import Reader, Writer
@@ -219,3 +220,70 @@ def alive_workers(request: Request) -> list[dict[str, Any]]:
 def workers(request: Request, _: Reader) -> list[dict[str, Any]]:
     """Worker processes alive now (seen within three heartbeat periods) and the queues they serve."""
     return alive_workers(request)
+
+
+# --- roll-out: modes per plugin or rule, and the review of results ------------------------------------------
+
+
+class ModeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["live", "silent", "review"] | None = Field(description="null removes the override")
+    review_hours: float | None = Field(None, gt=0, description="review mode: how long a result may wait")
+    on_timeout: Literal["deliver", "discard"] | None = Field(None, description="review mode: after review_hours")
+
+
+class ReviewIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    accept: bool = Field(description="true: deliver the result now; false: never send it")
+    note: str | None = Field(None, max_length=2000)
+
+
+@router.get("/rollout", tags=["rollout"])
+def rollout_modes(request: Request, _: Reader) -> dict[str, Any]:
+    """The operators' run-time overrides (a rule's override wins over its plugin's, both over the rules file)."""
+    from db import review
+
+    with _session(request) as session:
+        return {"overrides": review.overrides(session), "pending_reviews": review.pending_count(session)}
+
+
+@router.put("/rollout/{scope}/{name}", tags=["rollout"], responses={401: {}, 403: {}, 404: {}, 422: {}})
+def set_rollout(request: Request, who: Writer, scope: Literal["plugin", "rule"],
+                name: Annotated[str, PathParam(max_length=64)], body: ModeIn) -> dict[str, Any]:
+    """Set (or with `mode: null` remove) the roll-out mode of a plugin or rule for the jobs that start from now
+    on; no restart. Modes: live, silent (results kept here, never delivered), review (delivered after a reader
+    accepts them)."""
+    from db import review
+
+    if scope == "plugin" and name not in request.app.state.discovery.manifests:
+        raise HTTPException(404, f"no plugin {name!r} on this node")
+    with request.app.state.sessionmaker.begin() as session:
+        try:
+            review.set_mode(session, scope, name, body.mode, utcnow(), review_hours=body.review_hours,
+                            on_timeout=body.on_timeout, who=who.name)
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+        return {"overrides": review.overrides(session)}
+
+
+def review_job(request: Request, job_id: int, accept: bool, reader: str, note: str | None) -> list[int]:
+    """Accept or reject a result waiting for review. Returns the deliveries made due. Raises HTTPException."""
+    from db import review
+
+    with request.app.state.sessionmaker.begin() as session:
+        try:
+            return review.decide(session, job_id, accept, reader, note, utcnow())
+        except LookupError:
+            raise HTTPException(404, f"no job {job_id}") from None
+        except review.NotPending as exc:
+            raise HTTPException(409, str(exc)) from None
+
+
+@router.post("/jobs/{job_id}/review", response_model=Redelivered, status_code=202, tags=["jobs"],
+             responses={401: {}, 403: {}, 404: {}, 409: {}})
+def review_result(request: Request, who: Writer, job_id: JobId, body: ReviewIn) -> dict[str, Any]:
+    """A reader's decision on a result held in review mode: accepted results are delivered now, rejected ones
+    are never sent."""
+    ids = review_job(request, job_id, body.accept, who.name, body.note)
+    what = f"accepted: {len(ids)} delivery(ies) due now" if body.accept else "rejected: it will never be sent"
+    return {"id": job_id, "deliveries": ids, "message": what}

@@ -29,6 +29,10 @@ token_app = typer.Typer(no_args_is_help=True, help="Bearer tokens for the HTTP A
 app.add_typer(token_app, name="token")
 rules_app = typer.Typer(no_args_is_help=True, help="Routing rules: try them on files.")
 app.add_typer(rules_app, name="rules")
+feedback_app = typer.Typer(no_args_is_help=True, help="Radiologists' feedback on results.")
+app.add_typer(feedback_app, name="feedback")
+rollout_app = typer.Typer(no_args_is_help=True, help="Roll-out modes (live, silent, review) per plugin or rule.")
+app.add_typer(rollout_app, name="rollout")
 console = Console(stderr=True)
 _state: dict[str, Path | None] = {"config": None}
 
@@ -480,6 +484,69 @@ def demo(
             out.print(table)
     if not ok or not any(j["state"] in ("delivered", "encoded") for j in result.jobs):
         raise typer.Exit(1)
+
+
+@jobs_app.command("review")
+def jobs_review(
+    job_id: Annotated[int, typer.Argument(help="job id")],
+    accept: Annotated[bool, typer.Option("--accept/--reject", help="deliver it now, or never send it")],
+    note: Annotated[str | None, typer.Option(help="why (kept with the decision)")] = None,
+    reader: Annotated[str, typer.Option(help="who decides (recorded)")] = "cli",
+) -> None:
+    """Decide on a result held in review mode: --accept delivers it, --reject means it is never sent."""
+    from db import review
+    from db.models import utcnow
+
+    with open_db().begin() as session:
+        try:
+            ids = review.decide(session, job_id, accept, reader, note, utcnow())
+        except (LookupError, review.NotPending) as exc:
+            console.print(f"[red]{exc.args[0]}[/red]")
+            raise typer.Exit(1) from None
+    print(f"job {job_id} accepted: {len(ids)} delivery(ies) due now" if accept else
+          f"job {job_id} rejected: its results will never be sent")
+
+
+@rollout_app.command("set")
+def rollout_set(
+    scope: Annotated[str, typer.Argument(help="plugin or rule")],
+    name: Annotated[str, typer.Argument(help="the plugin's or rule's name")],
+    mode: Annotated[str, typer.Argument(help="live, silent, review, or clear (remove the override)")],
+    review_hours: Annotated[float | None, typer.Option(help="review mode: how long a result may wait")] = None,
+    on_timeout: Annotated[str | None, typer.Option(help="review mode, after --review-hours: deliver or "
+                                                   "discard (default)")] = None,
+) -> None:
+    """Set a plugin's or rule's roll-out mode for the jobs that start from now on (no restart)."""
+    from db import review
+    from db.models import utcnow
+
+    with open_db().begin() as session:
+        try:
+            review.set_mode(session, scope, name, None if mode == "clear" else mode, utcnow(),
+                            review_hours=review_hours, on_timeout=on_timeout, who="cli")
+        except ValueError as exc:
+            console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(1) from None
+    print(f"{scope} {name}: " + ("override removed (the rules file decides)" if mode == "clear" else f"{mode} "
+                                 "for jobs that start from now on"))
+
+
+@rollout_app.command("list")
+def rollout_list(as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+    """The run-time overrides (a rule's wins over its plugin's; both over the rules file)."""
+    from db import review
+
+    with open_db()() as session:
+        rows, pending = review.overrides(session), review.pending_count(session)
+    if as_json:
+        print(json.dumps({"overrides": rows, "pending_reviews": pending}, indent=2))
+        return
+    table = Table("scope", "name", "mode", "review hours", "on timeout", "set by", "set at")
+    for r in rows:
+        table.add_row(r["scope"], r["name"], r["mode"], str(r["review_hours"] or ""), r["on_timeout"],
+                      r["updated_by"] or "", r["updated_at"] or "")
+    _wide_console().print(table)
+    print(f"{pending} result(s) waiting for review")
 
 
 @jobs_app.command("redeliver")
@@ -935,6 +1002,42 @@ def _print_series_report(r) -> None:
         dests = "all destinations" if m.destinations is None else ", ".join(m.destinations) or "no destination"
         extra = "".join([f", stat: {m.urgent}" if m.urgent else "", f", within hours {m.hours}" if m.hours else ""])
         print(f"  would queue: {m.plugin} on {m.queue} ({m.priority}, rule {m.rule}{extra}) -> {dests}")
+
+
+@feedback_app.command("export")
+def feedback_export(
+    fmt: Annotated[str, typer.Option("--format", help="csv (one line per verdict) or json")] = "csv",
+    plugin: Annotated[str | None, typer.Option(help="only this plugin's jobs")] = None,
+    since: Annotated[str | None, typer.Option(help="only verdicts given since this date or time (ISO 8601, UTC "
+                                              "unless a zone is given)")] = None,
+    out: Annotated[Path | None, typer.Option("--output", "-o", dir_okay=False,
+                                             help="write here, not to stdout")] = None,
+) -> None:
+    """Every verdict with its job: plugin, version, rollout, study/series UIDs (no patient data), the finding it
+    judged and the job's findings, ready for `radnode evaluate`-style metrics."""
+    from datetime import UTC, datetime
+
+    from node.monitor import export_text
+
+    if fmt not in ("csv", "json"):
+        console.print(f"[red]--format must be csv or json, got {escape(fmt)!r}[/red]")
+        raise typer.Exit(2)
+    try:
+        start = datetime.fromisoformat(since) if since else None
+    except ValueError:
+        console.print(f"[red]--since is not an ISO 8601 date or time: {escape(since or '')!r}[/red]")
+        raise typer.Exit(2) from None
+    if start is not None and start.tzinfo is None:
+        start = start.replace(tzinfo=UTC)
+    with open_db()() as session:
+        text = export_text(session, fmt, plugin, start)
+    if out is None:
+        sys.stdout.write(text)
+        return
+    from node.files import atomic_write
+
+    atomic_write(out, text.encode())
+    console.print(f"wrote {out}")
 
 
 @db_app.command("upgrade")

@@ -21,6 +21,7 @@ from db.heartbeat import Heartbeat
 from db.models import utcnow
 from node import metrics
 from node.dispatch.errors import DeliveryError
+from node.dispatch.net import http_session, tls_context
 from node.dispatch.report import JobReport, build_report
 from node.dispatch.scu import AssociationFailed, send
 from node.results import object_kind
@@ -54,14 +55,6 @@ def result_files(outputs: Sequence[str], kinds: Collection[str] = ("SR", "SEG", 
 # --- senders --------------------------------------------------------------------------------------------
 
 
-def _tls_context(ca: Path | None, cert: Path | None, key: Path | None) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=str(ca) if ca else None)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if cert is not None:
-        ctx.load_cert_chain(str(cert), str(key) if key else None)
-    return ctx
-
-
 def send_dicom(files: list[Path], host: str, port: int, called_ae: str, calling_ae: str,
                tls: ssl.SSLContext | None = None) -> int:
     """C-STORE every file over one association (TCP_NODELAY). Returns the number stored."""
@@ -78,25 +71,13 @@ def send_dicom(files: list[Path], host: str, port: int, called_ae: str, calling_
     return report.sent
 
 
-def _session(username: str | None, password: Any, token: Any, verify: bool | Path = True) -> Any:
-    import requests
-
-    session = requests.Session()
-    if token is not None:
-        session.headers["Authorization"] = f"Bearer {token.get_secret_value()}"
-    elif username is not None:
-        session.auth = (username, password.get_secret_value() if password is not None else "")
-    session.verify = str(verify) if isinstance(verify, Path) else verify
-    return session
-
-
 def send_dicomweb(files: list[Path], dest: DicomwebDestination) -> int:
     """STOW-RS of every file in one multipart request. Returns the number the server stored."""
     import requests
     from dicomweb_client import DICOMwebClient
 
     datasets = [dcmread(f) for f in files]
-    client = DICOMwebClient(url=dest.url.rstrip("/"), session=_session(dest.username, dest.password, dest.token,
+    client = DICOMwebClient(url=dest.url.rstrip("/"), session=http_session(dest.username, dest.password, dest.token,
                                                                        dest.verify_tls), timeout=TIMEOUT)
     try:
         response = client.store_instances(datasets)
@@ -144,7 +125,7 @@ def send_to(dest: Any, files: list[Path], settings: Settings, sender_ae: str | N
     Raises DeliveryError; `sender_ae` is the calling AE of the source series (return to sender).
     """
     if isinstance(dest, DicomDestination):
-        tls = _tls_context(dest.tls_ca, dest.tls_cert, dest.tls_key) if dest.tls else None
+        tls = tls_context(dest.tls_ca, dest.tls_cert, dest.tls_key) if dest.tls else None
         return send_dicom(files, dest.host, dest.port, dest.ae_title, dest.calling_ae or settings.ae_title, tls)
     if isinstance(dest, DicomwebDestination):
         return send_dicomweb(files, dest)
@@ -157,7 +138,7 @@ def send_to(dest: Any, files: list[Path], settings: Settings, sender_ae: str | N
             who = f"calling AE {sender_ae!r}" if sender_ae else "the sender (the series arrived without a calling AE)"
             raise DeliveryError(f"return to sender: {who} is not among the configured peers ({known})",
                                 permanent=True)
-        tls = _tls_context(settings.tls_ca, settings.tls_cert, settings.tls_key) if peer.tls else None
+        tls = tls_context(settings.tls_ca, settings.tls_cert, settings.tls_key) if peer.tls else None
         return send_dicom(files, peer.host, peer.port, peer.ae_title, settings.ae_title, tls)
     raise DeliveryError(f"unknown destination kind {type(dest).__name__}", permanent=True)
 

@@ -19,11 +19,11 @@ import logging
 import math
 import uuid
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
 from node.dispatch.errors import DeliveryError
+from node.dispatch.net import http_session
 from node.dispatch.report import Concept, JobReport
 from node.logs import uid_hash
 from node.results.common import derive_uid
@@ -223,26 +223,10 @@ def bundle(report: JobReport, dest: FhirDestination) -> dict[str, Any]:
 
 
 def _session(dest: FhirDestination) -> Any:
-    import requests
-
-    session = requests.Session()
-    if dest.token is not None:
-        session.headers["Authorization"] = f"Bearer {dest.token.get_secret_value()}"
-    elif dest.username is not None:
-        session.auth = (dest.username, dest.password.get_secret_value() if dest.password is not None else "")
-    session.verify = str(dest.verify_tls) if isinstance(dest.verify_tls, Path) else dest.verify_tls
+    session = http_session(dest.username, dest.password, dest.token, dest.verify_tls)
     session.headers.update({"Content-Type": "application/fhir+json", "Accept": "application/fhir+json",
                             "Prefer": "return=minimal"})  # the answer need not echo the resources (PHI)
     return session
-
-
-def _redact(text: str, report: JobReport) -> str:
-    """`text` (a server's diagnostics) without the patient's ID, name parts, birth date or accession number."""
-    for secret in {report.patient_id, report.patient_birth_date, report.accession_number,
-                   *report.patient_name.replace("^", " ").split()}:
-        if len(secret) > 1:
-            text = text.replace(secret, "***")
-    return text
 
 
 def _outcome(response: Any, report: JobReport) -> str:
@@ -253,7 +237,7 @@ def _outcome(response: Any, report: JobReport) -> str:
         text = "; ".join(str(i.get("diagnostics") or i.get("details", {}).get("text") or i.get("code")) for i in issues)
     except (ValueError, AttributeError):
         text = response.text
-    return _redact(" ".join(text.split()), report)[:300]
+    return report.redact(" ".join(text.split()))[:300]
 
 
 def send_fhir(report: JobReport, dest: FhirDestination, timeout: float = TIMEOUT) -> int:
@@ -272,7 +256,7 @@ def send_fhir(report: JobReport, dest: FhirDestination, timeout: float = TIMEOUT
         with _session(dest) as session:
             response = session.post(dest.url.rstrip("/"), json=document, timeout=timeout)
     except requests.RequestException as exc:
-        raise DeliveryError(f"{where}: {type(exc).__name__}: {_redact(str(exc), report)[:300]}") from None
+        raise DeliveryError(f"{where}: {type(exc).__name__}: {report.redact(str(exc))[:300]}") from None
     if response.status_code >= 400:
         permanent = response.status_code < 500 and response.status_code not in (408, 429)
         raise DeliveryError(f"{where}: HTTP {response.status_code}: {_outcome(response, report)}",

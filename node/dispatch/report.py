@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 from node.dispatch.errors import DeliveryError
 from node.results import ObjectKind
@@ -108,11 +109,21 @@ class JobReport:
     def sr(self) -> ResultObject | None:
         return next((o for o in self.objects if o.kind == "SR"), None)
 
+    def redact(self, text: str) -> str:
+        """`text` (a peer's error message) without the patient's ID, name parts, birth date or accession number."""
+        for secret in {self.patient_id, self.patient_birth_date, self.accession_number,
+                       *self.patient_name.replace("^", " ").replace("=", " ").split()}:
+            if len(secret) > 1:
+                text = text.replace(secret, "***")
+        return text
+
 
 def _text(ds: Dataset | None, keyword: str) -> str:
     if ds is None:
         return ""
     value = ds.get(keyword)
+    if isinstance(value, MultiValue):  # e.g. two patient names: the first is the one to use
+        value = value[0] if len(value) else None
     return "" if value is None else str(value).strip()
 
 

@@ -27,6 +27,7 @@ ATTR_KEYWORDS = (
     "Modality",
     "Manufacturer",
     "ManufacturerModelName",
+    "StationName",
     "SliceThickness",
     "ConvolutionKernel",
     "KVP",

@@ -32,6 +32,8 @@ from node.ingest.storage import InstanceStore
 from node.logs import setup_logging
 from node.process import die_with_parent
 from node.settings import Settings
+from node.ups.dimse import SOP_CLASSES as UPS_SOP_CLASSES
+from node.ups.dimse import ups_handlers
 
 log = logging.getLogger("radnode.scp")
 
@@ -607,11 +609,14 @@ def tighten_polling() -> None:
 
 
 def build_ae(settings: Settings) -> AE:
-    """The acceptor AE: every storage SOP class with every transfer syntax, plus Verification."""
+    """The acceptor AE: every storage SOP class with every transfer syntax, plus Verification and the UPS worklist
+    (Push, Pull; node/ups/dimse.py)."""
     ae = AE(ae_title=settings.ae_title)
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+    for sop_class in UPS_SOP_CLASSES:
+        ae.add_supported_context(sop_class)
     # our listener enforces the limits (per source, total) before a thread starts; pynetdicom's own count of
     # association threads includes those finishing, so it only backs ours up
     ae.maximum_associations = 2 * settings.dicom_max_associations
@@ -640,6 +645,7 @@ def start_servers(settings: Settings, receiver: Receiver) -> tuple[AE, list[Thre
     handlers = [
         (evt.EVT_C_STORE, receiver.handle_store),
         (evt.EVT_C_ECHO, receiver.handle_echo),
+        *ups_handlers(receiver.ingest.sessionmaker),
         (evt.EVT_ESTABLISHED, receiver.handle_association),
     ]
     servers = []

@@ -116,6 +116,31 @@ def fetch_prior(source: Source, prior: PriorStudy, modality: str, dest_dir: Path
     return sorted(paths)
 
 
+def fetch_series(source: Source, study_uid: str, series_uids: Iterable[str], dest_dir: Path, *,
+                 ae_title: str = "RADNODE", timeout: float = TIMEOUT) -> list[Path]:
+    """Retrieve the named series of a study (a UPS workitem's inputs) like `fetch_prior` retrieves a prior's
+    series, into `dest_dir/<study_uid>/<series_uid>/<sop_uid>.dcm`; returns the paths, sorted.
+
+    Raises ValueError for a bad UID or no series, PriorError when the source fails or a series has no instance,
+    OSError when a folder cannot be made."""
+    uids = [_uid(u) for u in series_uids]
+    if _uid(study_uid) is None or not uids or None in uids:
+        raise ValueError("fetch_series needs a valid Study Instance UID and one or more valid Series Instance UIDs")
+    wanted = sorted(set(uids))  # type: ignore[arg-type]
+    if source.kind == "dicom":
+        paths = _c_get_series(source, study_uid, None, dest_dir / study_uid, ae_title, timeout, wanted)
+    elif source.kind == "dicomweb":
+        paths = _wado_series(source, study_uid, None, dest_dir / study_uid, timeout, wanted)
+    else:
+        raise PriorError(f"{_where(source)}: series are fetched from a 'dicom' or 'dicomweb' destination only")
+    empty = [u for u in wanted if not any(p.parent.name == u for p in paths)]
+    if empty:
+        raise PriorError(f"{_where(source)}: series {', '.join(uid_hash(u) for u in empty)}: no instances")
+    log.info("study %s: %d instance(s) of %d series fetched from %s", uid_hash(study_uid), len(paths), len(wanted),
+             source.name)
+    return sorted(paths)
+
+
 # --- values ---------------------------------------------------------------------------------------------
 
 
@@ -281,17 +306,19 @@ class _Receiver:
         return 0x0000
 
 
-def _c_get_series(source: DicomDestination, study_uid: str, modality: str, folder: Path, ae_title: str,
-                  timeout: float) -> list[Path]:
+def _c_get_series(source: DicomDestination, study_uid: str, modality: str | None, folder: Path, ae_title: str,
+                  timeout: float, series: list[str] | None = None) -> list[Path]:
+    """C-GET of the study's series of `modality` (found by C-FIND), or of the `series` named."""
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 
     receiver = _Receiver()
     assoc = _associate(source, ae_title, timeout, get=True, on_store=receiver)
     try:
-        answers = _c_find(assoc, source, {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": study_uid,
-                                          "SeriesInstanceUID": "", "Modality": modality})
-        series = sorted({uid for ds in answers if str(ds.get("Modality") or "").strip() == modality
-                         and (uid := _uid(ds.get("SeriesInstanceUID"))) is not None})
+        if series is None:
+            answers = _c_find(assoc, source, {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": study_uid,
+                                              "SeriesInstanceUID": "", "Modality": modality})
+            series = sorted({uid for ds in answers if str(ds.get("Modality") or "").strip() == modality
+                             and (uid := _uid(ds.get("SeriesInstanceUID"))) is not None})
         for series_uid in series:
             if not assoc.is_established:
                 raise PriorError(f"{_where(source)}: C-GET of series {uid_hash(series_uid)}: {_lost(assoc)}")
@@ -362,13 +389,15 @@ def _qido_studies(source: DicomwebDestination, query: dict[str, str], timeout: f
                            lambda: client.search_for_studies(search_filters=query, fields=fields)))
 
 
-def _wado_series(source: DicomwebDestination, study_uid: str, modality: str, folder: Path,
-                 timeout: float) -> list[Path]:
+def _wado_series(source: DicomwebDestination, study_uid: str, modality: str | None, folder: Path,
+                 timeout: float, series: list[str] | None = None) -> list[Path]:
+    """WADO-RS of the study's series of `modality` (found by QIDO-RS), or of the `series` named."""
     client = _dicomweb(source, timeout)
-    answers = _from_json(_web(source, "QIDO-RS series search", lambda: client.search_for_series(
-        study_uid, search_filters={"Modality": modality}, fields=["Modality"])))
-    series = sorted({uid for ds in answers if str(ds.get("Modality") or "").strip() == modality
-                     and (uid := _uid(ds.get("SeriesInstanceUID"))) is not None})
+    if series is None:
+        answers = _from_json(_web(source, "QIDO-RS series search", lambda: client.search_for_series(
+            study_uid, search_filters={"Modality": modality}, fields=["Modality"])))
+        series = sorted({uid for ds in answers if str(ds.get("Modality") or "").strip() == modality
+                         and (uid := _uid(ds.get("SeriesInstanceUID"))) is not None})
     paths = []
     for series_uid in series:
         (folder / series_uid).mkdir(parents=True, exist_ok=True)

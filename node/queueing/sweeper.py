@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import deliveries
+from db import deliveries, review
 from db.jobs import Recovery, expired_outputs, mark_enqueued, mark_outputs_removed, recover_lost
 from db.models import utcnow
 from db.records import expired_series, instances_before, remove_instances
@@ -56,6 +56,9 @@ class Sweeper:
                 mark_enqueued(session, sent, utcnow())
             if sent:
                 log.info("sent %d queued job(s) to the broker: %s", len(sent), ", ".join(map(str, sent)))
+        with self.maker.begin() as session:
+            for job_id, what in review.expire(session, now):
+                log.warning("job %d: review timed out; results %s", job_id, what)
         with self.maker.begin() as session:
             due, released = deliveries.due(
                 session, now, resend_seconds=s.job_resend_seconds, lost_seconds=s.job_lost_seconds,

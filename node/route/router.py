@@ -76,6 +76,9 @@ class Match:
     hours: Hours | None = None  # run only within these daily hours
     urgent: str | None = None  # why the priority is stat although the rule says routine
     with_series: tuple[int, ...] = ()  # a plugin taking several series: the other chosen series (keys)
+    rollout: str = "live"  # the rule's roll-out mode (an operator's override on the job table wins)
+    review_hours: float | None = None
+    review_timeout: str = "discard"
 
 
 @dataclass(frozen=True)
@@ -198,7 +201,7 @@ def explain(series: SeriesAttrs, rules: RuleSet, manifests: Mapping[str, Manifes
             dests = tuple(rule.destinations) if rule.destinations is not None else None
             raised = urgent if rule.priority != "stat" else None
             chosen.append(Match(rule.name, plugin, rule.queue or manifest.queue, "stat" if urgent else rule.priority,
-                                dests, rule.hours, raised))
+                                dests, rule.hours, raised, **rule.rollout_fields))
         checks.append(RuleCheck(rule.name, (), tuple(chosen), tuple(left_out)))
     return checks
 
@@ -294,7 +297,7 @@ def explain_study(series: Mapping[int, SeriesAttrs], rules: RuleSet, manifests: 
                 dests = tuple(rule.destinations) if rule.destinations is not None else None
                 chosen.setdefault(key, []).append(Match(
                     rule.name, plugin, rule.queue or manifest.queue, "stat" if urgent else rule.priority, dests,
-                    rule.hours, urgent if rule.priority != "stat" else None, others))
+                    rule.hours, urgent if rule.priority != "stat" else None, others, **rule.rollout_fields))
         checks.append(StudyRuleCheck(rule.name, tuple(candidates), (),
                                      tuple((k, tuple(ms)) for k, ms in sorted(chosen.items())), tuple(left_out)))
     return checks
@@ -404,7 +407,8 @@ class Router:
         new = [
             NewJob(m.plugin, self.manifests[m.plugin].version, m.rule, m.queue, m.priority,
                    list(m.destinations) if m.destinations is not None else None, held.get(m.plugin),
-                   [uids[k] for k in m.with_series] if m.with_series and uids else None)
+                   [uids[k] for k in m.with_series] if m.with_series and uids else None, m.rollout, m.review_hours,
+                   m.review_timeout)
             for m in matches
         ]
         ids = create_jobs(session, series_id, new, now)

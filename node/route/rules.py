@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from node.dicom.bodypart import BODY_PARTS
@@ -369,6 +369,19 @@ class Rule(_Model):
     level: Literal["series", "study"] = "series"
     select: Literal["all", "thinnest", "largest", "first"] | None = None
     require: list[When] | None = None
+    rollout: Literal["live", "silent", "review"] = "live"
+    review_hours: float | None = Field(None, gt=0)
+    review_timeout: Literal["deliver", "discard"] = "discard"
+
+    @property
+    def rollout_fields(self) -> dict[str, Any]:
+        return {"rollout": self.rollout, "review_hours": self.review_hours, "review_timeout": self.review_timeout}
+
+    @model_validator(mode="after")
+    def _review_only(self) -> Rule:
+        if self.rollout != "review" and (self.review_hours is not None or "review_timeout" in self.model_fields_set):
+            raise _fail("review_hours and review_timeout need `rollout: review`", "rollout")
+        return self
 
     @model_validator(mode="after")
     def _study_only(self) -> Rule:

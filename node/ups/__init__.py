@@ -1,0 +1,1 @@
+"""Unified Procedure Step worklists (IHE AIW-I): radnode's provider (UPS-RS, DIMSE) and its task performer."""
