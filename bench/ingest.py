@@ -1,4 +1,4 @@
-"""Ingest benchmark: C-STORE throughput of radnode against Orthanc, side by side in one run.
+"""Ingest benchmark: C-STORE throughput of radnode against Orthanc and DCMTK storescp, side by side in one run.
 
 What it measures
     Images per second that a receiver acknowledges when DCMTK ``storescu`` (env TCP_NODELAY=1)
@@ -15,34 +15,59 @@ What it measures
     before the clock starts, so neither receiver ever sees a duplicate. Each measurement is preceded
     by a small warm-up send (its own study) with the same number of associations.
 
-    Both receivers are started by the script with their own temporary storage:
+    The receivers are started by the script with their own temporary storage:
 
     * radnode: ``radnode run`` (SQLite job table, ``RADNODE_STABLE_SECONDS=5``, ``--receivers``
-      sets ``RADNODE_RECEIVERS``); it acknowledges an instance only after fsync + rename + row;
+      sets ``RADNODE_RECEIVERS``); it acknowledges an instance only after fsync + rename + row.
+      ``--routing off`` starts it with an empty rules file (``rules: []``: no jobs, so no inference
+      on the same cores; this is the ingest figure the target is checked on); ``--routing on``
+      with the packaged default rules (today's behaviour: every 300-slice series goes to lung-quant
+      and ct-chest-triage, whose jobs run in the embedded worker while later measurements run).
+      ``both`` (the default) measures routing off first, alternated with the other receivers, then
+      stops that node and measures a routing-on node on its own (its ratio uses the Orthanc figures
+      of the first phase);
     * Orthanc (``/usr/sbin/Orthanc``, Debian package ``orthanc``) with a minimal config (no plugins,
-      no compression, ``ConcurrentJobs`` 2) and env TCP_NODELAY=1.
+      no compression, ``ConcurrentJobs`` 2) and env TCP_NODELAY=1;
+    * DCMTK ``storescp`` (Debian package ``dcmtk``), env TCP_NODELAY=1, flags ``+B -pdu 131072
+      -od DIR``: ``+B`` (bit-preserving) writes the received data set to the file as it arrives, as
+      radnode stores the bytes it received (no decode/re-encode; this also excludes ``-up``, which
+      would rewrite UIDs), and ``-pdu 131072`` announces storescp's largest PDU so that storescu
+      sends it 128 KiB PDUs as it does to radnode. No fsync. Without ``--fork`` storescp serves one
+      association at a time, so the 1-association column uses a storescp without ``--fork`` and the
+      4-association column a second one with ``--fork`` (a child process per association).
 
     Each receiver counts as started when it answers a C-ECHO (DCMTK ``echoscu``); radnode also
     when it has printed "radnode ... running".
 
-    Targets are measured alternately (radnode, Orthanc, radnode, Orthanc, ...) so machine noise
-    affects both. Every send must exit 0 with no error lines, and the number of stored instances is
-    checked on both sides (``radnode studies --json``; Orthanc's REST API), so a failing receiver
-    cannot look fast.
+    Receivers are measured alternately (radnode, Orthanc, storescp, radnode, ...) so machine noise
+    affects all. Every send must exit 0 with no error lines, and the number of stored instances is
+    checked on every side (``radnode studies --json``; Orthanc's REST API; storescp's files named
+    by SOP Instance UID), so a failing receiver cannot look fast.
+
+    CPU: the user + system CPU seconds of the receiver's whole process tree (radnode: the node, its
+    receiver processes and embedded worker; Orthanc; storescp and its forks), read with psutil just
+    before and just after the timed send (for storescp --fork, once its children have exited), where
+    every process counts its own time plus that of its children that exited and were reaped
+    (children_user, children_system); reported per 1000 instances. With routing on this includes
+    the inference of earlier series that runs during the send.
 
 Caveats
-    The two receivers do not promise the same: radnode fsyncs every instance before answering
-    0x0000, Orthanc does not. Orthanc answers with its default maximum PDU (16 KiB), radnode with
-    none (storescu then sends 128 KiB PDUs). Sender and receivers share the machine's cores.
+    The receivers do not promise the same: radnode fsyncs every instance (and its directory)
+    before answering 0x0000, Orthanc and storescp do not. Orthanc answers with its default maximum
+    PDU (16 KiB), radnode with none (storescu then sends 128 KiB PDUs), storescp with 128 KiB.
+    Sender and receivers share the machine's cores, and so does anything else running on it: note
+    the load average the script prints before and after.
 
 Targets
     Orthanc 1.10 measured ~174 img/s (1 assoc) and ~369 img/s (4 assoc) on a 2-core machine with a
     300-slice CT. radnode must reach >= 1.2x Orthanc in both columns, measured in the same run.
 
 Usage
-    .venv/bin/python bench/ingest.py [--slices 300] [--repeat 3] [--receivers N] [--json FILE]
+    .venv/bin/python bench/ingest.py [--slices 300] [--repeat 3] [--routing off|on|both] [--receivers N]
+                                     [--json FILE]
 
-Needs ``storescu`` and ``echoscu`` (Debian package ``dcmtk``) and ``Orthanc`` (package ``orthanc``).
+Needs ``storescu``, ``storescp`` and ``echoscu`` (Debian package ``dcmtk``) and ``Orthanc`` (package
+``orthanc``).
 """
 
 from __future__ import annotations
@@ -78,6 +103,9 @@ ASSOCIATIONS = (1, 4)
 TARGET_RATIO = 1.2
 RADNODE_AE = "RADNODE"
 ORTHANC_AE = "ORTHANC"
+STORESCP_AE = "STORESCP"
+STORESCP_FLAGS = ("+B", "-pdu", "131072")  # bit-preserving, largest PDU (see the docstring)
+ROW_OFF, ROW_ON, ROW_ORTHANC, ROW_STORESCP = "radnode (routing off)", "radnode (routing on)", "Orthanc", "storescp"
 SEND_TIMEOUT = 600.0  # seconds: a receiver that stops answering fails the run instead of hanging it
 
 
@@ -110,6 +138,7 @@ class Series:
 
     study_uid: str
     files: list[Path]
+    sop_uids: list[str]
 
 
 class SeriesFactory:
@@ -130,7 +159,7 @@ class SeriesFactory:
         """Write `count` slices to `folder` (a new study and series) and return them."""
         folder.mkdir(parents=True)
         study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
-        files = []
+        files, sop_uids = [], []
         for i in range(count):
             ds = self.templates[i % len(self.templates)]
             sop_uid = generate_uid()
@@ -149,7 +178,8 @@ class SeriesFactory:
             path = folder / f"{i + 1:05d}.dcm"
             ds.save_as(path)
             files.append(path)
-        return Series(study_uid, files)
+            sop_uids.append(sop_uid)
+        return Series(study_uid, files, sop_uids)
 
 
 # --- processes ----------------------------------------------------------------------------------
@@ -197,6 +227,14 @@ class Processes:
             if proc.poll() is None:
                 proc.wait(timeout=5)
         self.procs.clear()
+
+    def stop(self, proc: subprocess.Popen[bytes], grace: float = 40.0) -> None:
+        """End one process and its children as close() does; the others keep running."""
+        others, self.procs = [p for p in self.procs if p is not proc], [proc]
+        try:
+            self.close(grace)
+        finally:
+            self.procs = others
 
 
 def free_port() -> int:
@@ -248,9 +286,36 @@ class Target:
     ae: str
     port: int
     log: Path
+    pid: int = 0
 
     def stored_instances(self, study_uid: str) -> int:
         raise NotImplementedError
+
+    def stored(self, series: Series) -> int:
+        """How many instances of `series` the receiver holds."""
+        return self.stored_instances(series.study_uid)
+
+    def quiesce(self) -> None:
+        """Wait until the receiver has finished what the last send started (before reading its CPU)."""
+
+
+def tree_cpu(pid: int) -> float:
+    """User + system CPU seconds of process `pid` and its descendants, children that exited and were reaped
+    included (children_user/system of their parent: no double count, a live process has none of its own
+    live children's time). Raises BenchError when `pid` is gone."""
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        raise BenchError(f"receiver process {pid} is gone") from None
+    total = 0.0
+    for p in tree:
+        try:
+            t = p.cpu_times()
+        except psutil.NoSuchProcess:  # exited between the listing and now: its parent counts it once reaped
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
 
 
 @dataclass
@@ -301,6 +366,30 @@ class Orthanc(Target):
         return int(self.get(f"/studies/{found[0]['ID']}/statistics")["CountInstances"])
 
 
+@dataclass
+class StoreSCP(Target):
+    folder: Path = Path()
+
+    def stored(self, series: Series) -> int:
+        # storescp names a file <modality prefix>.<SOP Instance UID> (its default filenames)
+        names = {p.name.split(".", 1)[-1] for p in self.folder.iterdir()}
+        return sum(uid in names for uid in series.sop_uids)
+
+    def total(self) -> int:
+        return sum(1 for p in self.folder.iterdir() if p.is_file())
+
+    def quiesce(self) -> None:
+        """storescp --fork: its children exit after their association is released; wait up to 10 s."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if not psutil.Process(self.pid).children():
+                    return
+            except psutil.NoSuchProcess:
+                return
+            time.sleep(0.02)
+
+
 def radnode_command() -> list[str]:
     """`radnode` beside this interpreter, else the repo's venv, else `python -m node.cli`."""
     for candidate in (Path(sys.executable).parent / "radnode", REPO / ".venv" / "bin" / "radnode"):
@@ -310,13 +399,13 @@ def radnode_command() -> list[str]:
 
 
 def start_radnode(procs: Processes, work: Path, receivers: int | None, database_url: str | None = None,
-                  extra_env: dict[str, str] | None = None) -> Radnode:
-    """Start `radnode run` on a free loopback port; returns when it said "running" and the port answers.
-    `extra_env` adds or overrides settings (RADNODE_...)."""
+                  extra_env: dict[str, str] | None = None, name: str = "radnode") -> Radnode:
+    """Start `radnode run` on a free loopback port with data dir and log under work/`name`; returns when it
+    said "running" and the port answers. `extra_env` adds or overrides settings (RADNODE_...)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RADNODE_")}  # hermetic settings
     env.update(
-        RADNODE_DATA_DIR=str(work / "radnode-data"),
+        RADNODE_DATA_DIR=str(work / f"{name}-data"),
         RADNODE_DICOM_HOST="127.0.0.1",
         RADNODE_DICOM_PORT=str(port),
         RADNODE_HTTP_PORT=str(free_port()),
@@ -330,7 +419,7 @@ def start_radnode(procs: Processes, work: Path, receivers: int | None, database_
     if database_url:  # e.g. a PostgreSQL database made for the run; migrated explicitly as in production
         env["RADNODE_DATABASE_URL"] = database_url
         subprocess.run([*command, "db", "upgrade"], env=env, check=True, capture_output=True)
-    log = work / "logs" / "radnode.log"
+    log = work / "logs" / f"{name}.log"
     proc = procs.start([*command, "run"], env, log)
 
     def running() -> bool:
@@ -341,7 +430,7 @@ def start_radnode(procs: Processes, work: Path, receivers: int | None, database_
 
     wait_until("radnode start", running, proc, log, timeout=120)
     wait_until("radnode C-ECHO", lambda: dicom_echo(RADNODE_AE, port), proc, log, timeout=30)
-    return Radnode("radnode", RADNODE_AE, port, log, env=env, command=command)
+    return Radnode("radnode", RADNODE_AE, port, log, proc.pid, env=env, command=command)
 
 
 def start_orthanc(procs: Processes, work: Path) -> Orthanc:
@@ -373,7 +462,7 @@ def start_orthanc(procs: Processes, work: Path) -> Orthanc:
     config_path.write_text(json.dumps(config, indent=2))
     log = work / "logs" / "orthanc.log"
     proc = procs.start([ORTHANC_BIN, str(config_path)], {**os.environ, "TCP_NODELAY": "1"}, log)
-    target = Orthanc("Orthanc", ORTHANC_AE, dicom_port, log, http_port=http_port)
+    target = Orthanc("Orthanc", ORTHANC_AE, dicom_port, log, proc.pid, http_port=http_port)
 
     def rest_up() -> bool:
         try:
@@ -385,6 +474,20 @@ def start_orthanc(procs: Processes, work: Path) -> Orthanc:
     wait_until("Orthanc REST", rest_up, proc, log, timeout=60)
     wait_until("Orthanc C-ECHO", lambda: dicom_echo(ORTHANC_AE, dicom_port), proc, log, timeout=30)
     return target
+
+
+def start_storescp(procs: Processes, work: Path, fork: bool) -> StoreSCP:
+    """Start DCMTK storescp (STORESCP_FLAGS, `--fork` when asked) writing into its own folder; returns when it
+    answers a C-ECHO."""
+    name = "storescp-fork" if fork else "storescp"
+    folder = work / name
+    folder.mkdir()
+    port = free_port()
+    log = work / "logs" / f"{name}.log"
+    cmd = ["storescp", *(["--fork"] if fork else []), *STORESCP_FLAGS, "-aet", STORESCP_AE, "-od", str(folder), str(port)]
+    proc = procs.start(cmd, {**os.environ, "TCP_NODELAY": "1"}, log)
+    wait_until(f"{name} C-ECHO", lambda: dicom_echo(STORESCP_AE, port), proc, log, timeout=30)
+    return StoreSCP(name, STORESCP_AE, port, log, proc.pid, folder=folder)
 
 
 # --- sending ------------------------------------------------------------------------------------

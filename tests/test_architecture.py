@@ -24,8 +24,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("node", "db", "workers", "plugins")
 
-ENTRY = ("node.cli", "node.service", "node.api", "node.demo", "workers")
+ENTRY = ("node.cli", "node.service", "node.api", "node.demo", "node.ups.performer", "workers")
 STEPS = ("node.ingest", "node.route", "node.pipeline", "node.dispatch", "node.queueing", "node.monitor")
+WORKLIST = ("node.ups",)  # the UPS worklist (provider): the receivers and the API both serve it
 SHARED = ("node.dicom", "node.imaging", "node.results")
 FOUNDATION = ("node", "node.settings", "node.logs", "node.metrics", "node.files", "node.process")
 
@@ -74,7 +75,8 @@ def within(name: str, groups: tuple[str, ...]) -> bool:
 
 
 def layer(name: str) -> str:
-    for label, groups in (("entry", ENTRY), ("step", STEPS), ("shared", SHARED), ("foundation", FOUNDATION)):
+    for label, groups in (("entry", ENTRY), ("step", STEPS), ("worklist", WORKLIST), ("shared", SHARED),
+                          ("foundation", FOUNDATION)):
         if within(name, groups):
             return label
     return name.split(".")[0]
@@ -155,6 +157,8 @@ def violations() -> list[str]:
                 out.append(f"{m} -> {dep}: a step never imports an entry point")
             if where == "step" and dep_layer == "step" and step_of(dep) != step_of(m):
                 out.append(f"{m} -> {dep}: steps do not import each other")
+            if where == "worklist" and dep_layer in {"entry", "step"}:
+                out.append(f"{m} -> {dep}: the worklist imports no step or entry point")
             if where == "shared" and dep_layer in {"entry", "step", "db"}:
                 out.append(f"{m} -> {dep}: shared code imports no step, entry point or db")
             if where == "foundation" and dep_layer in {"entry", "step", "shared"}:

@@ -22,7 +22,7 @@ from node.settings import Settings
 log = logging.getLogger("radnode.ingest")
 
 # metric source label -> how the log names the route
-ROUTES = {"dimse": "C-STORE", "stow": "STOW-RS", "pull": "pull", "upload": "infer upload"}
+ROUTES = {"dimse": "C-STORE", "stow": "STOW-RS", "pull": "pull", "upload": "infer upload", "ups": "UPS retrieval"}
 
 
 @dataclass(frozen=True)
