@@ -1,5 +1,5 @@
 """Roll-out modes end to end with a real Orthanc as the PACS: silent results never leave the node, review results
-go exactly when a reader accepts them (API; the dashboard button in test_feedback) and never when rejected, a
+go exactly when a reader accepts them (clicked on the dashboard in Chromium) and never when rejected, a
 review past its deadline follows its rule's policy, and an operator's run-time override needs no restart."""
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ import pydicom
 import pytest
 
 from node.dispatch.scu import send
-from tests.conftest import free_port
+from tests.conftest import free_port, need
 from tests.orthanc import AE as ORTHANC_AE
 from tests.orthanc import Orthanc
 from tests.synthetic import write_ct_series
+from tests.test_dashboard import CHROMEDRIVER, CHROMIUM
 from tests.test_pipeline import embedded_stack
 
 pytestmark = pytest.mark.slow
@@ -44,7 +45,32 @@ rules:
 """
 
 
-def test_silent_review_and_live(tmp_path: Path):
+def accept_in_browser(node, job_id: int, note: str) -> None:
+    """Log in to the dashboard in Chromium, open the job and click Accept with a note."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.test_dashboard import chromium
+
+    driver = chromium()
+    try:
+        wait = WebDriverWait(driver, 30, ignored_exceptions=[StaleElementReferenceException])
+        driver.get(f"{node.url}/login?next=/jobs/{job_id}")
+        driver.find_element(By.ID, "token").send_keys(node.token)
+        driver.find_element(By.CSS_SELECTOR, "section.login button[type=submit]").click()
+        form = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "form.review"))
+        form.find_element(By.NAME, "note").send_keys(note)
+        form.find_element(By.CSS_SELECTOR, "button.accept").click()
+        flash = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".flash.ok"))
+        assert f"job {job_id} accepted" in flash.text
+    finally:
+        driver.quit()
+
+
+def test_silent_review_and_live(tmp_path: Path, monkeypatch):
+    need(CHROMIUM.exists() and CHROMEDRIVER.exists(), "chromium and chromedriver are needed")
+    monkeypatch.setenv("SE_OFFLINE", "true")
     port = free_port()
     orthanc = Orthanc(tmp_path / "orthanc", port).start()
     try:
@@ -94,8 +120,7 @@ def test_silent_review_and_live(tmp_path: Path):
             assert answer.status_code == 202 and "never be sent" in answer.json()["message"]
             assert api.post(f"/v1/jobs/{reject['id']}/review", json={"accept": True}).status_code == 409
             assert api.post(f"/v1/jobs/{reject['id']}/redeliver", json={"all": True}).status_code == 409
-            answer = api.post(f"/v1/jobs/{accept['id']}/review", json={"accept": True, "note": "fine"})
-            assert answer.status_code == 202 and len(answer.json()["deliveries"]) == 1
+            accept_in_browser(node, accept["id"], "fine")  # a reader clicks Accept on the job page
             stack.wait_jobs(lambda rows: next(r for r in rows if r["id"] == accept["id"])["state"] == "delivered")
             time.sleep(1.5)
             assert (srs("accept"), srs("reject")) == (1, 0)
