@@ -39,6 +39,8 @@ def _worklist(request: Request) -> Worklist:
 def _warning(text: str) -> dict[str, str]:
     """PS3.18 8.6.2: a Warning header (299) with the text on one line."""
     clean = " ".join(text.split()).replace('"', "'")[:1000]
+    # header values are Latin-1 on the wire: anything else (a UID made of emoji, a Cyrillic name) is escaped
+    clean = clean.encode("ascii", "backslashreplace").decode("ascii")
     return {"Warning": f'299 radnode "{clean}"'}
 
 
