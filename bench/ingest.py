@@ -484,7 +484,8 @@ def start_storescp(procs: Processes, work: Path, fork: bool) -> StoreSCP:
     folder.mkdir()
     port = free_port()
     log = work / "logs" / f"{name}.log"
-    cmd = ["storescp", *(["--fork"] if fork else []), *STORESCP_FLAGS, "-aet", STORESCP_AE, "-od", str(folder), str(port)]
+    cmd = ["storescp", *(["--fork"] if fork else []), *STORESCP_FLAGS, "-aet", STORESCP_AE, "-od", str(folder),
+           str(port)]
     proc = procs.start(cmd, {**os.environ, "TCP_NODELAY": "1"}, log)
     wait_until(f"{name} C-ECHO", lambda: dicom_echo(STORESCP_AE, port), proc, log, timeout=30)
     return StoreSCP(name, STORESCP_AE, port, log, proc.pid, folder=folder)
@@ -539,14 +540,15 @@ def send(procs: Processes, target: Target, files: list[Path], associations: int,
 @dataclass
 class Column:
     runs: list[float] = field(default_factory=list)  # img/s
-
-    @property
-    def best(self) -> float:
-        return max(self.runs)
+    cpu: list[float] = field(default_factory=list)  # receiver CPU seconds per 1000 instances
 
     @property
     def median(self) -> float:
-        return statistics.median(self.runs)
+        return statistics.median(self.runs) if self.runs else float("nan")
+
+    @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu) if self.cpu else float("nan")
 
 
 def measure(
@@ -560,8 +562,9 @@ def measure(
     label: str,
     keep: bool,
     settle: float,
-) -> float:
-    """One measurement: generate, warm up, send, verify. Returns img/s. Raises BenchError."""
+) -> tuple[float, float]:
+    """One measurement: generate, warm up, send, verify. Returns (img/s, receiver CPU s per 1000 instances).
+    Raises BenchError."""
     folder = work / "series" / label
     warm = factory.make(folder / "warmup", max(warmup, associations), f"ingest bench warm-up {label}")
     series = factory.make(folder / "series", slices, f"ingest bench {label}")
@@ -569,41 +572,48 @@ def measure(
     time.sleep(settle)
     logs = work / "logs"
     send(procs, target, warm.files, associations, logs, label + "-warmup")
+    target.quiesce()
+    cpu_before = tree_cpu(target.pid)
     seconds = send(procs, target, series.files, associations, logs, label)
-    stored = target.stored_instances(series.study_uid)
+    target.quiesce()
+    cpu = tree_cpu(target.pid) - cpu_before
+    stored = target.stored(series)
     if stored != slices:
         raise BenchError(f"{target.name} ({label}): {stored} instances stored, {slices} sent")
     if not keep:
         shutil.rmtree(folder)
-    return slices / seconds
+    return slices / seconds, cpu * 1000 / slices
 
 
 def ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
-def render(results: dict[str, dict[int, Column]], slices: int, repeat: int, bytes_per_series: int) -> str:
-    names = list(results)
-    head = f"{'':<17}" + "".join(f"{f'{n} assoc img/s':>22}" for n in ASSOCIATIONS)
-    sub = f"{'':<17}" + "".join(f"{'best / median':>22}" for _ in ASSOCIATIONS)
+def render(results: dict[str, dict[int, Column]], slices: int, repeat: int, bytes_per_series: int,
+           load: tuple[str, str]) -> str:
+    """The table: a row per receiver, img/s and CPU s/1000 img per column, then the ratios and the verdict."""
+    width = 23
+    cols = [f"{n} assoc img/s" for n in ASSOCIATIONS] + [f"CPU s/1000 ({n} assoc)" for n in ASSOCIATIONS]
     lines = [
-        f"ingest of a {slices}-slice 512x512 CT ({bytes_per_series / 1e6:.0f} MB), "
-        f"best / median of {repeat} run(s) per cell",
-        head,
-        sub,
+        f"ingest of a {slices}-slice 512x512 CT ({bytes_per_series / 1e6:.0f} MB), median of {repeat} run(s) per cell",
+        f"load average (1, 5, 15 min) before: {load[0]}; after: {load[1]}",
+        f"{'':<{width}}" + "".join(f"{c:>22}" for c in cols),
     ]
-    for name in names:
-        cells = "".join(f"{f'{results[name][n].best:.1f} / {results[name][n].median:.1f}':>22}" for n in ASSOCIATIONS)
-        lines.append(f"{name:<17}{cells}")
-    a, b = results["radnode"], results["Orthanc"]
-    cells = "".join(
-        f"{f'{ratio(a[n].best, b[n].best):.2f}x / {ratio(a[n].median, b[n].median):.2f}x':>22}" for n in ASSOCIATIONS
-    )
-    lines.append(f"{'radnode/Orthanc':<17}{cells}")
-    verdict = all(ratio(a[n].median, b[n].median) >= TARGET_RATIO for n in ASSOCIATIONS)
-    lines.append(
-        f"target radnode >= {TARGET_RATIO:g}x Orthanc in both columns (medians): {'MET' if verdict else 'NOT MET'}"
-    )
+    for name, row in results.items():
+        cells = [f"{row[n].median:.1f}" for n in ASSOCIATIONS] + [f"{row[n].cpu_median:.2f}" for n in ASSOCIATIONS]
+        lines.append(f"{name:<{width}}" + "".join(f"{c:>22}" for c in cells))
+    orthanc = results[ROW_ORTHANC]
+    for name in (ROW_OFF, ROW_ON):
+        if name in results:
+            row = results[name]
+            cells = [f"{ratio(row[n].median, orthanc[n].median):.2f}x" for n in ASSOCIATIONS]
+            cells += [f"{ratio(row[n].cpu_median, orthanc[n].cpu_median):.2f}x" for n in ASSOCIATIONS]
+            lines.append(f"{name.replace('radnode', 'radnode/Orthanc'):<{width}}" + "".join(f"{c:>22}" for c in cells))
+    lines.append("storescp: no --fork in the 1-association column, --fork in the 4-association column")
+    if ROW_OFF in results:
+        met = all(ratio(results[ROW_OFF][n].median, orthanc[n].median) >= TARGET_RATIO for n in ASSOCIATIONS)
+        lines.append(f"target radnode (routing off) >= {TARGET_RATIO:g}x Orthanc in both columns (medians): "
+                     f"{'MET' if met else 'NOT MET'}")
     return "\n".join(lines)
 
 
@@ -624,6 +634,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--slices", type=int, default=300, help="slices per series (default 300)")
     p.add_argument("--repeat", type=int, default=3, help="measurements per cell (default 3)")
     p.add_argument("--warmup", type=int, default=8, help="files sent before each measurement (default 8)")
+    p.add_argument("--routing", choices=("off", "on", "both"), default="both",
+                   help="radnode with an empty rules file (off), the default rules (on), or both (default)")
     p.add_argument("--receivers", type=int, default=None, help="RADNODE_RECEIVERS (default: radnode's own)")
     p.add_argument("--database-url", default=None, help="RADNODE_DATABASE_URL (default: embedded SQLite)")
     p.add_argument("--settle", type=float, default=1.0, help="seconds of quiet before each measurement")
@@ -636,47 +648,80 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def load_average() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    for tool in ("storescu", "echoscu"):
+    for tool in ("storescu", "storescp", "echoscu"):
         if shutil.which(tool) is None:
             raise BenchError(f"{tool} not found: apt-get install dcmtk")
     source = (args.source or default_source()).resolve()
     factory = SeriesFactory(load_templates(source))
     work = Path(tempfile.mkdtemp(prefix="radnode-ingest-", dir=args.tmp))
     (work / "logs").mkdir()
+    (work / "empty-rules.yaml").write_text("rules: []\n")
     procs = Processes()
+    load_before = load_average()
+    print(f"work folder {work}; load average before: {load_before}", flush=True)
     try:
-        print(f"work folder {work}", flush=True)
-        radnode = start_radnode(procs, work, args.receivers, args.database_url)
         orthanc = start_orthanc(procs, work)
+        scp = {1: start_storescp(procs, work, fork=False), 4: start_storescp(procs, work, fork=True)}
         version = orthanc.get("/system").get("Version", "?")
-        print(f"radnode on port {radnode.port}, Orthanc {version} on port {orthanc.port}", flush=True)
-        targets: list[Target] = [radnode, orthanc]
-        results: dict[str, dict[int, Column]] = {t.name: {n: Column() for n in ASSOCIATIONS} for t in targets}
-        sent = {t.name: 0 for t in targets}
-        for r in range(args.repeat):
-            for n in ASSOCIATIONS:
-                for target in targets:  # alternate: radnode, Orthanc, radnode, Orthanc, ...
-                    label = f"{target.name.lower()}-{n}assoc-{r + 1}"
-                    rate = measure(
-                        procs, target, factory, work, n, args.slices, args.warmup, label, args.keep, args.settle
-                    )
-                    sent[target.name] += args.slices + max(args.warmup, n)
-                    results[target.name][n].runs.append(rate)
-                    print(f"  {target.name:<8} {n} assoc  run {r + 1}/{args.repeat}: {rate:7.1f} img/s", flush=True)
-        # Whole-run check: every instance sent to radnode (warm-ups included) has its row.
-        total = sum(se["instances"] for st in radnode.studies() for se in st["series"])
-        if total != sent["radnode"]:
-            raise BenchError(f"radnode holds {total} instances, {sent['radnode']} were sent")
+        print(f"Orthanc {version} on port {orthanc.port}, storescp on ports {scp[1].port} and {scp[4].port} (--fork)",
+              flush=True)
+        phases = {"off": [ROW_OFF], "on": [ROW_ON], "both": [ROW_OFF, ROW_ON]}[args.routing]
+        results: dict[str, dict[int, Column]] = {}
+        sent: dict[str, int] = {}
+        for row in phases:
+            # routing off: no rules; on: the packaged default rules (RADNODE_RULES_FILE unset)
+            extra = {"RADNODE_RULES_FILE": str(work / "empty-rules.yaml")} if row == ROW_OFF else {}
+            node = start_radnode(procs, work, args.receivers, args.database_url, extra,
+                                 name="radnode-" + row.split()[-1].rstrip(")"))
+            node_proc = next(p for p in procs.procs if p.pid == node.pid)
+            print(f"{row} on port {node.port}", flush=True)
+            rows: dict[str, dict[int, Target]] = {row: {n: node for n in ASSOCIATIONS}}
+            if ROW_ORTHANC not in results:  # the others are measured once, alternated with the first radnode
+                rows[ROW_ORTHANC] = {n: orthanc for n in ASSOCIATIONS}
+                rows[ROW_STORESCP] = scp
+            for name in rows:
+                results[name] = {n: Column() for n in ASSOCIATIONS}
+            for r in range(args.repeat):
+                for n in ASSOCIATIONS:
+                    for name, targets in rows.items():  # alternate: radnode, Orthanc, storescp, radnode, ...
+                        target = targets[n]
+                        label = f"{target.name.lower()}-{n}assoc-{r + 1}"
+                        rate, cpu = measure(
+                            procs, target, factory, work, n, args.slices, args.warmup, label, args.keep, args.settle
+                        )
+                        sent[target.name] = sent.get(target.name, 0) + args.slices + max(args.warmup, n)
+                        results[name][n].runs.append(rate)
+                        results[name][n].cpu.append(cpu)
+                        print(f"  {name:<22} {n} assoc  run {r + 1}/{args.repeat}: {rate:7.1f} img/s, "
+                              f"{cpu:6.2f} CPU s/1000 img", flush=True)
+            # Whole-run check: every instance sent to this node (warm-ups included) has its row.
+            total = sum(se["instances"] for st in node.studies() for se in st["series"])
+            if total != sent[node.name]:
+                raise BenchError(f"{row} holds {total} instances, {sent[node.name]} were sent")
+            print(f"verified: {row} holds {total} instances", flush=True)
+            findings = log_findings(node.log)
+            if findings:
+                print(f"{row} log has warnings/errors ({node.log}):\n" + "\n".join("  " + ln for ln in findings))
+            procs.stop(node_proc)
+            sent.pop(node.name)
         orthanc_total = int(orthanc.get("/statistics")["CountInstances"])
         if orthanc_total != sent["Orthanc"]:
             raise BenchError(f"Orthanc holds {orthanc_total} instances, {sent['Orthanc']} were sent")
-        print(f"verified: radnode holds {total} instances, Orthanc {orthanc_total}", flush=True)
+        scp_total = scp[1].total() + scp[4].total()
+        if scp_total != sent[scp[1].name] + sent[scp[4].name]:
+            raise BenchError(f"storescp holds {scp_total} instances, {sent[scp[1].name] + sent[scp[4].name]} sent")
+        print(f"verified: Orthanc holds {orthanc_total} instances, storescp {scp_total}", flush=True)
+        load_after = load_average()
         bytes_per_series = sum(f.stat().st_size for f in sorted(source.glob("*.dcm")))
         bytes_per_series = bytes_per_series * args.slices // len(factory.templates)
         print()
-        print(render(results, args.slices, args.repeat, bytes_per_series))
-        for target in targets:
+        print(render(results, args.slices, args.repeat, bytes_per_series, (load_before, load_after)))
+        for target in (orthanc, scp[1], scp[4]):
             findings = log_findings(target.log)
             if findings:
                 print(f"\n{target.name} log has warnings/errors ({target.log}):")
@@ -685,20 +730,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "slices": args.slices,
             "repeat": args.repeat,
             "warmup": args.warmup,
+            "routing": args.routing,
             "receivers": args.receivers,
             "source": str(source),
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                        "load_before": load_before, "load_after": load_after},
             "orthanc_version": version,
+            "storescp_flags": list(STORESCP_FLAGS),
             "results": {
-                name: {f"{n}_assoc": {"runs": c.runs, "best": c.best, "median": c.median} for n, c in cols.items()}
+                name: {f"{n}_assoc": {"runs": c.runs, "median": c.median, "cpu_s_per_1000": c.cpu,
+                                      "cpu_median": c.cpu_median} for n, c in cols.items()}
                 for name, cols in results.items()
             },
-            "ratio": {
-                f"{n}_assoc": {
-                    "best": ratio(results["radnode"][n].best, results["Orthanc"][n].best),
-                    "median": ratio(results["radnode"][n].median, results["Orthanc"][n].median),
-                }
-                for n in ASSOCIATIONS
+            "ratio_to_orthanc": {
+                name: {f"{n}_assoc": ratio(results[name][n].median, results[ROW_ORTHANC][n].median)
+                       for n in ASSOCIATIONS}
+                for name in results if name.startswith("radnode")
             },
             "target_ratio": TARGET_RATIO,
         }

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, and_, delete, func, or_, select, tuple_, update
+from sqlalchemy import Select, and_, bindparam, delete, func, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -90,6 +90,10 @@ def _ensure_series(session: Session, rec: ReceivedInstance, now: datetime) -> in
     return session.execute(select(Series.id).where(Series.series_uid == rec.series_uid)).scalar_one()
 
 
+_INSTANCE_VALUES = ("sop_instance_uid", "series_id", "sop_class_uid", "transfer_syntax_uid", "path", "size_bytes",
+                    "number_of_frames", "acquisition_number", "images_in_acquisition", "calling_ae", "received_at")
+
+
 class InstanceRecorder:
     """Records received instances with one statement each once their series is known.
 
@@ -101,6 +105,19 @@ class InstanceRecorder:
     def __init__(self, max_cached: int = 10_000) -> None:
         self._series_ids: dict[str, int] = {}
         self._max_cached = max_cached
+        self._upserts: dict[str, Any] = {}  # per dialect: building the statement took ~0.4 ms per instance
+
+    def _upsert(self, session: Session) -> Any:
+        dialect = session.get_bind().dialect.name
+        stmt = self._upserts.get(dialect)
+        if stmt is None:
+            params = {c: bindparam(c) for c in _INSTANCE_VALUES}
+            insert = _insert(session, Instance).values({**params, "receive_count": 1})
+            stmt = self._upserts[dialect] = insert.on_conflict_do_update(
+                index_elements=["sop_instance_uid"],
+                set_={c: insert.excluded[c] for c in _INSTANCE_VALUES} | {"receive_count": Instance.receive_count + 1},
+            ).returning(Instance.receive_count)
+        return stmt
 
     def record(self, session: Session, rec: ReceivedInstance, now: datetime) -> bool:
         """Record one stored instance, idempotently; the caller commits.
@@ -127,12 +144,7 @@ class InstanceRecorder:
             "calling_ae": rec.calling_ae,
             "received_at": now,
         }
-        stmt = _insert(session, Instance).values(**values, receive_count=1)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["sop_instance_uid"],
-            set_={k: stmt.excluded[k] for k in values} | {"receive_count": Instance.receive_count + 1},
-        ).returning(Instance.receive_count)
-        return session.execute(stmt).scalar_one() == 1
+        return session.execute(self._upsert(session), values).scalar_one() == 1
 
     def forget(self) -> None:
         """Drop the cached ids (after a database outage the rows may be gone)."""

@@ -8,6 +8,7 @@ import logging
 import multiprocessing as mp
 import os
 import queue
+import select
 import selectors
 import signal
 import socket
@@ -20,6 +21,7 @@ import pynetdicom._config
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
@@ -239,8 +241,9 @@ def quiet_peer_faults() -> None:
 
 
 # --- pynetdicom internals -----------------------------------------------------------------------------------
-# Every use of pynetdicom's internals is in this section (besides the log texts in _PYNETDICOM_FAULTS and the
-# state machine's re-raise that _thread_died expects); checked against PYNETDICOM_CHECKED, which
+# Every use of pynetdicom's internals is in this section and in _WakingDUL / _ShortSleeps below (the reactors'
+# sleeps), besides the log texts in _PYNETDICOM_FAULTS and the state machine's re-raise that _thread_died
+# expects; checked against PYNETDICOM_CHECKED, which
 # tests/test_listener.py compares with the installed version so that an upgrade re-checks them.
 PYNETDICOM_CHECKED = "3.0.4"
 
@@ -290,6 +293,7 @@ class _Handler(RequestHandler):
     def _create_association(self) -> Association:
         assoc = super()._create_association()
         assoc.dul.socket.__class__ = _BoundedReads  # type: ignore[union-attr]
+        assoc.dul.__class__ = _WakingDUL
         assoc.dul.socket.pdata_max = self.server.pdata_max  # type: ignore[union-attr,attr-defined]
         self.server.attach(assoc)  # type: ignore[attr-defined]
         return assoc
@@ -588,24 +592,96 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
     return ctx
 
 
+class _WakingDUL(DULServiceProvider):
+    """A DUL reactor that, where pynetdicom 3.0.4 sleeps between looks at its socket and its queues
+    (run_reactor: time.sleep(_run_loop_delay) after a round without events), waits for its socket to become
+    readable or for a primitive to send (send_pdu, a stop), at most _ShortSleeps.WAIT_SECONDS. The eventfd that
+    wakes it lives while its thread runs."""
+
+    _wake_fd: int | None = None
+    _wake_lock = threading.Lock()  # guards _wake_fd across the threads that wake it (one lock: short holds)
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            with self._wake_lock:
+                if self._wake_fd is not None:
+                    os.close(self._wake_fd)
+                    self._wake_fd = None
+
+    def _wake(self) -> None:
+        with self._wake_lock:
+            if self._wake_fd is not None:
+                os.eventfd_write(self._wake_fd, 1)
+
+    def send_pdu(self, primitive: Any) -> None:
+        super().send_pdu(primitive)
+        self._wake()
+
+    def kill_dul(self) -> None:
+        super().kill_dul()
+        self._wake()
+
+    def stop_dul(self) -> bool:
+        if self.state_machine.current_state == "Sta1":
+            self._kill_thread = True
+            self._wake()
+        return super().stop_dul()
+
+    def wait(self, timeout: float) -> None:
+        """In this DUL's thread: until the socket is readable, a primitive is queued or `timeout` passes."""
+        if self._wake_fd is None:
+            with self._wake_lock:
+                self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        sock = self.socket.socket if self.socket is not None else None
+        if (sock is None or sock.fileno() == -1 or not self.to_provider_queue.empty()
+                or (isinstance(sock, ssl.SSLSocket) and sock.pending())):
+            time.sleep(_ShortSleeps.POLL_SECONDS)
+            return
+        try:
+            select.select([sock, self._wake_fd], [], [], timeout)
+            os.eventfd_read(self._wake_fd)
+        except (BlockingIOError, OSError, ValueError):  # no wake-up pending; or the socket closed meanwhile
+            pass
+
+
 class _ShortSleeps:
-    """pynetdicom's association reactor polls its queues with 1 ms sleeps, which adds up to ~2 ms of
-    idle latency to every C-STORE round trip. Cap its sleeps at POLL_SECONDS in the receivers."""
+    """pynetdicom polls: the association reactor looks at its DIMSE queue every 1 ms, the DUL reactor at its
+    socket and queues every `_run_loop_delay`; short sleeps cut the latency of every C-STORE round trip, but
+    at 0.2 ms they cost ~20 % of a core per association, idle or not. In the receivers both threads wait for
+    what they poll for instead, at most WAIT_SECONDS (then they look at their timers, release and abort as
+    before): the association reactor (its 1 ms sleep) for a message on its DIMSE queue, an acceptor's DUL for
+    its socket or a primitive to send (_WakingDUL). Other sleeps are capped at POLL_SECONDS."""
 
     POLL_SECONDS = 0.0002
+    WAIT_SECONDS = 0.005
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
 
     def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, self.POLL_SECONDS))
+        thread = threading.current_thread()
+        if isinstance(thread, _WakingDUL):
+            thread.wait(self.WAIT_SECONDS)
+        elif isinstance(thread, Association) and seconds == 0.001 and thread.dimse is not None:  # its reactor
+            waiting = thread.dimse.msg_queue
+            with waiting.not_empty:  # holds the queue's mutex: its _qsize, not qsize
+                if not waiting._qsize():
+                    waiting.not_empty.wait(self.WAIT_SECONDS)
+                if waiting._qsize():  # put() wakes one waiter: pass it on in case a get() waits too
+                    waiting.not_empty.notify()
+        else:
+            time.sleep(min(seconds, self.POLL_SECONDS))
 
 
 def tighten_polling() -> None:
-    """Shorten pynetdicom's polling sleeps in this process (receiver processes only)."""
+    """Replace pynetdicom's polling sleeps in this process (receiver processes only): see _ShortSleeps."""
     import pynetdicom.association
+    import pynetdicom.dul
 
     pynetdicom.association.time = _ShortSleeps()  # type: ignore[assignment]
+    pynetdicom.dul.time = _ShortSleeps()  # type: ignore[assignment]
 
 
 def build_ae(settings: Settings) -> AE:
