@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -57,8 +58,34 @@ def ct_dir(data_root: Path) -> Path:
     return data_root / "ct_chest_philips_lungdx_a0001"
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port nothing listens on, never handed out before in this process, and below the kernel's ephemeral
+    range: outgoing connections (every C-STORE, HTTP request) take their local port from that range, so a port
+    picked there can be taken by one before the server binds it ("Address already in use")."""
+    pick = random.SystemRandom()
+    high = min(_ephemeral_low(), 65536) - 1
+    for _ in range(200):
+        port = pick.randint(max(1024, high - 12000), high)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    with socket.socket() as s:  # a crowded range: let the kernel choose
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
