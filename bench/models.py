@@ -4,14 +4,20 @@ on the CPU and, when one is present, on a CUDA GPU.
 
 Each plugin runs in its own process so its peak memory (max RSS; on CUDA also the peak allocated GPU
 memory) is its own. Model forward time is the summed wall time of the plugin's torch network forward
-calls (hooks), so "pre/post" is everything else `run` does (resampling, windowing, sliding-window
-bookkeeping, mapping results back). Random weights give meaningless findings, but the same computation.
+calls (hooks) or ONNX Runtime session calls, so "pre/post" is everything else `run` does (resampling,
+windowing, sliding-window bookkeeping, mapping results back). Random weights give meaningless findings, but
+the same computation.
+
+Backends: "torch", and on a CPU "auto" (the plugins' default: the first load exports the weights to ONNX,
+checks ONNX Runtime against torch and runs ONNX Runtime when they agree; the export's seconds and the parity
+difference are reported). On a GPU "auto" is torch with autocast, so only "torch" runs there.
 
 Peers for scale (published, GPU): the chest-CT triage project reports ~10 s per study end to end; a
 SwinUNETR over a whole chest CT should be well under that on an H100.
 
 Usage
-    .venv/bin/python bench/models.py [--plugins a,b] [--device cpu|cuda|both] [--repeat 2] [--json FILE]
+    .venv/bin/python bench/models.py [--plugins a,b] [--device cpu|cuda|both] [--backends torch,auto]
+                                     [--repeat 2] [--json FILE]
 """
 
 from __future__ import annotations
@@ -115,12 +121,31 @@ def _networks(plugin: Any) -> list[Any]:
     return [v for v in vars(plugin).values() if isinstance(v, torch.nn.Module)]
 
 
-def run_one(name: str, device: str, repeat: int) -> dict[str, Any]:
-    """Generate weights, load, run `repeat` times; the figures of this process."""
+class _TimedOnnx:
+    """An OnnxModel whose calls add their wall time to `forward` (the bench's forward figure for ONNX Runtime)."""
+
+    def __init__(self, model: Any, forward: list[float]) -> None:
+        self.model, self.forward = model, forward
+
+    def __call__(self, *arrays: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return self.model(*arrays)
+        finally:
+            self.forward.append(time.perf_counter() - t)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+
+def run_one(name: str, device: str, repeat: int, backend: str = "torch") -> dict[str, Any]:
+    """Generate weights, load with `backend` ("torch", or "auto": export, parity check, ONNX Runtime on a CPU),
+    run `repeat` times; the figures of this process."""
     import torch
 
     from node.imaging import load_image
     from plugins.registry import build, discover
+    from plugins.torch_common import AUTO_REPORT_FILE
 
     manifest = discover().manifests[name]
     writer, inputs = CASES[name]
@@ -133,11 +158,21 @@ def run_one(name: str, device: str, repeat: int) -> dict[str, Any]:
         weights = writer(Path(tmp) / name)
         generate = time.perf_counter() - t
         plugin = build(manifest)
+        plugin.backend_override = "torch" if backend == "torch" else None
         t = time.perf_counter()
         plugin.load(device, weights)
         load_s = time.perf_counter() - t
+        params = sum(p.numel() for net in _networks(plugin) for p in net.parameters())  # torch before auto settles
+        parity: dict[str, Any] = {}
+        if backend == "auto":
+            t = time.perf_counter()
+            plugin.settle_backend(weights)
+            parity = json.loads((weights.parent / AUTO_REPORT_FILE).read_text())
+            parity["settle_s"] = time.perf_counter() - t
     forward: list[float] = []
     started: list[float] = []
+    if plugin.onnx is not None:
+        plugin.onnx = _TimedOnnx(plugin.onnx, forward)
 
     def pre(*_: Any) -> None:
         if device.startswith("cuda"):
@@ -152,7 +187,6 @@ def run_one(name: str, device: str, repeat: int) -> dict[str, Any]:
     for net in _networks(plugin):
         net.register_forward_pre_hook(pre)
         net.register_forward_hook(post)
-    params = sum(p.numel() for net in _networks(plugin) for p in net.parameters())
     runs = []
     for _ in range(repeat):
         if device.startswith("cuda"):
@@ -167,7 +201,8 @@ def run_one(name: str, device: str, repeat: int) -> dict[str, Any]:
         runs.append({"dicom_load": dicom, "run": total, "forward": sum(forward), "pre_post": total - sum(forward),
                      "forward_calls": len(forward), "not_applicable": findings.not_applicable})
     result: dict[str, Any] = {
-        "plugin": name, "device": device, "parameters": params, "generate_weights_s": generate, "load_s": load_s,
+        "plugin": name, "device": device, "backend": plugin.backend, "parity": parity,
+        "parameters": params, "generate_weights_s": generate, "load_s": load_s,
         "input": f"{len(files)} file(s), {tuple(image.pixels.shape)}",
         "runs": runs,
         "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -182,22 +217,35 @@ def run_one(name: str, device: str, repeat: int) -> dict[str, Any]:
 
 
 def render(results: list[dict[str, Any]]) -> str:
-    head = f"{'plugin':<17}{'device':<7}{'params':>9}{'DICOM':>8}{'pre/post':>10}{'forward':>9}{'run':>8}" \
-           f"{'peak RSS':>10}{'GPU peak':>10}  input"
+    head = f"{'plugin':<17}{'device':<7}{'backend':<8}{'params':>9}{'DICOM':>8}{'pre/post':>10}{'forward':>9}" \
+           f"{'run':>8}{'peak RSS':>10}{'GPU peak':>10}  input"
     lines = ["seconds: median over runs after the first (the first run includes warm-up)", "", head]
+    runs_of: dict[tuple[str, str, str], float] = {}
     for r in results:
         if "error" in r:
-            lines.append(f"{r['plugin']:<17}{r['device']:<7}  failed: {r['error']}")
+            lines.append(f"{r['plugin']:<17}{r['device']:<7}{r.get('backend', ''):<8}  failed: {r['error']}")
             continue
         runs = r["runs"][1:] or r["runs"]
 
         def med(key: str, runs: list = runs) -> float:
             return statistics.median(x[key] for x in runs)
 
+        runs_of[(r["plugin"], r["device"], r["backend"])] = med("run")
         gpu = f"{r['gpu_peak_mb']:>8.0f}MB" if "gpu_peak_mb" in r else f"{'-':>10}"
-        lines.append(f"{r['plugin']:<17}{r['device']:<7}{r['parameters'] / 1e6:>8.1f}M{med('dicom_load'):>8.2f}"
-                     f"{med('pre_post'):>10.2f}{med('forward'):>9.2f}{med('run'):>8.2f}{r['max_rss_mb']:>8.0f}MB"
-                     f"{gpu}  {r['input']}")
+        lines.append(f"{r['plugin']:<17}{r['device']:<7}{r['backend']:<8}{r['parameters'] / 1e6:>8.1f}M"
+                     f"{med('dicom_load'):>8.2f}{med('pre_post'):>10.2f}{med('forward'):>9.2f}{med('run'):>8.2f}"
+                     f"{r['max_rss_mb']:>8.0f}MB{gpu}  {r['input']}")
+    parities = [r for r in results if r.get("parity")]
+    if parities:
+        lines += ["", "backend auto on the CPU: the first load's export and parity check, and the run against torch",
+                  f"{'plugin':<17}{'export+check':>13}{'max abs diff':>14}{'verdict':>9}{'run torch/auto':>16}"]
+        for r in parities:
+            v = r["parity"]
+            torch_run = runs_of.get((r["plugin"], r["device"], "torch"))
+            auto_run = runs_of.get((r["plugin"], r["device"], r["backend"]))
+            ratio = f"{torch_run / auto_run:>15.2f}x" if torch_run and auto_run else f"{'-':>16}"
+            lines.append(f"{r['plugin']:<17}{v['settle_s']:>12.1f}s{v['max_abs_diff']:>14.2g}"
+                         f"{'passed' if v['passed'] else 'failed':>9}{ratio}")
     lines += ["", "peer (published): chest-CT triage ~10 s per study end to end on a GPU"]
     return "\n".join(lines)
 
@@ -206,14 +254,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--plugins", default=",".join(CASES))
     p.add_argument("--device", choices=["cpu", "cuda", "both"], default="both")
+    p.add_argument("--backends", default="torch,auto", help="torch, auto (CPU only: GPU auto is torch)")
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--one", help=argparse.SUPPRESS)  # child mode: NAME:DEVICE
+    p.add_argument("--one", help=argparse.SUPPRESS)  # child mode: NAME:DEVICE:BACKEND
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.one:
-        name, device = args.one.split(":", 1)
-        print(json.dumps(run_one(name, device, args.repeat)))
+        name, device, backend = args.one.split(":", 2)
+        print(json.dumps(run_one(name, device, args.repeat, backend)))
         return 0
     devices = ["cpu"]
     if args.device in ("cuda", "both"):
@@ -224,16 +273,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.device == "cuda":
             print("no CUDA device here", file=sys.stderr)
             return 1
+    backends = [b for b in args.backends.split(",") if b]
     results = []
     for name in [n for n in args.plugins.split(",") if n]:
         for device in devices:
-            print(f"{name} on {device} ...", flush=True)
-            done = subprocess.run([sys.executable, __file__, "--one", f"{name}:{device}", "--repeat", str(args.repeat)],
-                                  capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            if done.returncode != 0:
-                results.append({"plugin": name, "device": device, "error": done.stderr.strip().splitlines()[-1:]})
-                continue
-            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            for backend in backends if device == "cpu" else ["torch"]:
+                print(f"{name} on {device} ({backend}) ...", flush=True)
+                done = subprocess.run([sys.executable, __file__, "--one", f"{name}:{device}:{backend}",
+                                       "--repeat", str(args.repeat)],
+                                      capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                if done.returncode != 0:
+                    results.append({"plugin": name, "device": device, "backend": backend,
+                                    "error": done.stderr.strip().splitlines()[-1:]})
+                    continue
+                results.append(json.loads(done.stdout.strip().splitlines()[-1]))
     print(render(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

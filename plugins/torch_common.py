@@ -1,10 +1,17 @@
 """Shared by the torch plugins: `TorchPlugin`, the one torch-or-ONNX `load`; the configuration base and its
-validation; device and autocast; strict weight loading; ONNX export and the ONNX Runtime backend. Imports torch
-(and onnxruntime) lazily: manifests never import this."""
+validation; device and autocast; strict weight loading; ONNX export and the ONNX Runtime backend, and backend
+"auto" (ONNX Runtime on a CPU once an export of these weights passed its parity check, torch otherwise). Imports
+torch (and onnxruntime) lazily: manifests never import this."""
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import hashlib
+import json
+import logging
+import os
+import time
 from abc import abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -14,6 +21,11 @@ import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from plugins.base import ONNX_FILE, Manifest, Plugin, WeightsUnavailable, validation_problems
+
+log = logging.getLogger(__name__)
+
+AUTO_ONNX_FILE = "model.auto.onnx"  # in <models dir>/<plugin>/: backend "auto"'s export of the torch weights
+AUTO_REPORT_FILE = "model.auto.json"  # its parity verdict and what it was exported from
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -102,6 +114,10 @@ def save_weights(module: Any, path: Path, prefix: str = "") -> Path:
 # --- ONNX Runtime backend -------------------------------------------------------------------------------
 
 
+_EXPORTED: contextvars.ContextVar[list[tuple[Any, tuple[Any, ...]]] | None] = contextvars.ContextVar(
+    "radnode_onnx_exported", default=None)  # while backend auto settles: the (module, example) each export took
+
+
 def export_onnx(module: Any, example: Sequence[Any], path: Path, input_names: Sequence[str],
                 output_names: Sequence[str], dynamic_axes: Mapping[str, Mapping[int, str]] | None = None) -> Path:
     """Export an eval-mode module to ONNX (opset 17) at `path`. Raises RuntimeError from the exporter."""
@@ -109,6 +125,9 @@ def export_onnx(module: Any, example: Sequence[Any], path: Path, input_names: Se
 
     path.parent.mkdir(parents=True, exist_ok=True)
     module = module.eval()
+    seen = _EXPORTED.get()
+    if seen is not None:
+        seen.append((module, tuple(example)))
     with torch.inference_mode():
         torch.onnx.export(module, tuple(example), str(path), input_names=list(input_names),
                           output_names=list(output_names), dynamic_axes=dict(dynamic_axes or {}), opset_version=17,
@@ -150,7 +169,9 @@ class TorchConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
-    backend: Literal["torch", "onnx"]
+    # "auto": ONNX Runtime on a CPU when an export of these weights passed the parity check (TorchPlugin.settle_backend
+    # writes it on the first load), torch on a GPU and otherwise; "torch"; "onnx": model.onnx from `radnode export-onnx`
+    backend: Literal["auto", "torch", "onnx"]
 
 
 def _low_high(window: tuple[float, float]) -> tuple[float, float]:
@@ -165,46 +186,126 @@ C = TypeVar("C", bound=TorchConfig)
 
 
 class TorchPlugin(Plugin, Generic[C]):
-    """A plugin whose network runs in torch (safetensors weights, strict loading) or in ONNX Runtime (model.onnx
-    beside the weights, written by `radnode export-onnx`), as its configuration's `backend` says.
+    """A plugin whose network runs in torch (safetensors weights, strict loading) or in ONNX Runtime, as its
+    configuration's `backend` says: "onnx" runs model.onnx beside the weights (`radnode export-onnx`); "auto" (the
+    default) runs model.auto.onnx on a CPU when `settle_backend` exported it from these very weights and
+    configuration and ONNX Runtime's outputs matched torch's (`onnx_tolerance`), torch otherwise.
 
     A subclass names its configuration model (`config_model`), builds its untrained network (`new_network`)
     and may check an ONNX model against the configuration (`check_onnx`) or add checks to the configuration
-    (`read_config`). After `load`: `config`, `device`, and `net` (backend "torch") or `onnx` (backend "onnx")."""
+    (`read_config`). After `load`: `config`, `device`, and `net` (torch) or `onnx` (ONNX Runtime, from
+    `onnx_file`)."""
 
     config_model: ClassVar[type[TorchConfig]]
     weights_name: ClassVar[str] = "weights file"  # how the "not found" error names the torch weights
+    # backend "auto": the largest absolute difference between ONNX Runtime's and torch's outputs (float32) on the
+    # export's sample input that still counts as the same model, and how much faster than torch ONNX Runtime must
+    # run the exported network on that input to be chosen (1.0: at least as fast)
+    onnx_tolerance: ClassVar[float] = 1e-3
+    onnx_min_speedup: ClassVar[float] = 1.0
 
     config: C
     device: Any = None  # torch.device, set by load
-    net: Any = None  # the torch network (backend "torch")
-    onnx: OnnxModel | None = None  # the ONNX Runtime session (backend "onnx")
+    net: Any = None  # the torch network
+    onnx: OnnxModel | None = None  # the ONNX Runtime session
+    onnx_file: Path | None = None  # the ONNX model `onnx` runs
+    backend_override: str | None = None  # "torch" or "onnx" in place of the configuration's (export tools)
 
     @property
     def loaded(self) -> bool:
         """Whether a network is loaded (by either backend)."""
         return self.net is not None or self.onnx is not None
 
+    @property
+    def backend(self) -> str:
+        """The backend in use after `load`: "torch" or "onnx"."""
+        return "onnx" if self.onnx is not None else "torch"
+
     def load(self, device: str, weights: Path | None) -> None:
-        """Validate the configuration, then load the network onto `device`: backend "torch" builds it and loads
-        `weights` (safetensors) strictly; backend "onnx" opens model.onnx beside them and checks it against the
+        """Validate the configuration, then load the network onto `device`: torch builds it and loads `weights`
+        (safetensors) strictly; ONNX Runtime opens model.onnx beside them (backend "onnx"), or model.auto.onnx
+        (backend "auto" on a CPU, when its parity verdict fits these weights), and checks it against the
         configuration. Raises WeightsUnavailable: an invalid config.json, no weights path (so no models folder),
         a missing or unusable file, weights or an ONNX model that do not fit the configuration."""
-        self.net = self.onnx = None
+        self.net = self.onnx = self.onnx_file = None
         self.config = self.read_config(weights)
         self.device = torch_device(device)
         if weights is None:
             raise WeightsUnavailable(f"{self.manifest.name}: weights not found (no weights path given, so no "
                                      "models folder)")
-        if self.config.backend == "onnx":
+        backend = self.backend_override or self.config.backend
+        if backend == "auto":
+            on_cpu = self.device.type == "cpu"
+            backend = "onnx" if on_cpu and auto_verdict(self.manifest, weights.parent).get("passed") else "torch"
+            path = weights.parent / AUTO_ONNX_FILE
+        else:
             path = weights.parent / ONNX_FILE
+        if backend == "onnx":
             onnx = OnnxModel(path, self.device)
+            self.onnx_file = path
             self.check_onnx(onnx, path)
             self.onnx = onnx
         elif not weights.is_file():  # before building the network: a large one takes seconds to initialise
             raise WeightsUnavailable(f"{self.weights_name} {weights} not found")
         else:
             self.net = load_weights(self.new_network(), weights).to(self.device)
+
+    def settle_backend(self, weights: Path) -> None:
+        """Backend "auto" on a CPU, loaded in torch because no export of these weights has a verdict yet: export
+        it (`export_onnx`) to model.auto.onnx beside the weights, compare ONNX Runtime's outputs with torch's
+        (`onnx_tolerance`) and their speed on the export's input (`onnx_min_speedup`), record the verdict in
+        model.auto.json and, when both passed, load again in ONNX Runtime. Once per weights and configuration;
+        a failed verdict keeps torch without trying again. An export that cannot be written or fails keeps torch
+        (logged); the plugin stays usable either way."""
+        if ((self.backend_override or self.config.backend) != "auto" or self.device.type != "cpu"
+                or self.net is None or auto_verdict(self.manifest, weights.parent)):
+            return
+        folder = weights.parent
+        target, report_path = folder / AUTO_ONNX_FILE, folder / AUTO_REPORT_FILE
+        tmp = folder / f".{AUTO_ONNX_FILE}.{os.getpid()}.tmp"
+        started = time.perf_counter()
+        seen: list[tuple[Any, tuple[Any, ...]]] = []
+        token = _EXPORTED.set(seen)
+        try:
+            report = self.export_onnx(tmp)
+            diff = float(report["max_abs_diff"])
+            speed = _speeds(seen[-1], tmp, self.device) if seen and diff <= self.onnx_tolerance else {}
+        except (OSError, RuntimeError, ValueError, ImportError) as exc:  # NotImplementedError is a RuntimeError
+            tmp.unlink(missing_ok=True)
+            log.warning("%s: backend auto keeps torch: the ONNX export failed (%s: %s)", self.manifest.name,
+                        type(exc).__name__, exc)
+            return
+        finally:
+            _EXPORTED.reset(token)
+        speedup = speed["torch_seconds"] / max(speed["onnx_seconds"], 1e-9) if speed else 0.0
+        verdict = {"fingerprint": auto_fingerprint(self.manifest, folder),
+                   "passed": diff <= self.onnx_tolerance and speedup >= self.onnx_min_speedup,
+                   "max_abs_diff": diff, "tolerance": self.onnx_tolerance, **speed, "speedup": round(speedup, 3),
+                   "min_speedup": self.onnx_min_speedup, "export_seconds": round(time.perf_counter() - started, 2),
+                   "versions": _versions()}
+        try:
+            if verdict["passed"]:
+                os.replace(tmp, target)
+            report_tmp = folder / f".{AUTO_REPORT_FILE}.{os.getpid()}.tmp"
+            report_tmp.write_text(json.dumps(verdict, indent=1))
+            os.replace(report_tmp, report_path)
+        except OSError as exc:
+            log.warning("%s: backend auto keeps torch: the ONNX export could not be kept (%s)", self.manifest.name,
+                        exc)
+            return
+        finally:
+            tmp.unlink(missing_ok=True)
+        if diff > self.onnx_tolerance:
+            log.warning("%s: backend auto keeps torch: ONNX Runtime differs from torch by %.3g (> %.3g)",
+                        self.manifest.name, diff, self.onnx_tolerance)
+            return
+        if not verdict["passed"]:
+            log.info("%s: backend auto keeps torch: ONNX Runtime is %.2fx torch's speed on this machine (below "
+                     "%.2fx)", self.manifest.name, speedup, self.onnx_min_speedup)
+            return
+        log.info("%s: backend auto: exported to %s in %.1f s (max abs difference %.3g, %.2fx torch's speed); "
+                 "running ONNX Runtime", self.manifest.name, target.name, verdict["export_seconds"], diff, speedup)
+        self.load(str(self.device), weights)
 
     def read_config(self, weights: Path | None) -> C:
         """The merged configuration (config.json beside `weights`) validated by `config_model`. Raises
@@ -219,3 +320,71 @@ class TorchPlugin(Plugin, Generic[C]):
 
     def check_onnx(self, onnx: OnnxModel, path: Path) -> None:
         """Raise WeightsUnavailable when the ONNX model at `path` does not fit `self.config` (default: no check)."""
+
+
+def auto_fingerprint(manifest: Manifest, folder: Path) -> str:
+    """What backend auto's export depends on: the SHA-256 of every model file in `folder` and the configuration
+    in force (less backend)."""
+    config = {k: v for k, v in manifest.config_in(folder).items() if k != "backend"}
+    files = {role: _file_sha256(path) if path.is_file() else None
+             for role, path in manifest.files(folder, {**config, "backend": "torch"})}
+    blob = json.dumps({"files": files, "config": config}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def auto_verdict(manifest: Manifest, folder: Path) -> dict[str, Any]:
+    """model.auto.json in `folder` when it was written for the model files and configuration there now (and,
+    when it passed, model.auto.onnx is there); {} otherwise (no CPU load has settled the backend yet). Raises
+    WeightsUnavailable for a bad config.json."""
+    try:
+        verdict = json.loads((folder / AUTO_REPORT_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(verdict, dict) or verdict.get("fingerprint") != auto_fingerprint(manifest, folder):
+        return {}
+    if verdict.get("passed") and not (folder / AUTO_ONNX_FILE).is_file():
+        return {}
+    return verdict
+
+
+def _speeds(exported: tuple[Any, tuple[Any, ...]], path: Path, device: Any, runs: int = 2) -> dict[str, float]:
+    """Seconds of the exported module in torch and of its export in ONNX Runtime on the export's example (the
+    best of `runs` after a warm-up run each)."""
+    import torch
+
+    module, example = exported
+    onnx = OnnxModel(path, device)
+    arrays = [t.detach().float().cpu().numpy() for t in example]
+
+    def best(call: Any) -> float:
+        call()
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    with torch.inference_mode():
+        torch_seconds = best(lambda: module(*example))
+    return {"torch_seconds": round(torch_seconds, 4), "onnx_seconds": round(best(lambda: onnx(*arrays)), 4)}
+
+
+def _versions() -> dict[str, str]:
+    import onnxruntime
+    import torch
+
+    return {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+_SHA256: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> SHA-256: a large backbone is hashed once
+
+
+def _file_sha256(path: Path) -> str:
+    from plugins.registry import sha256_file
+
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256:
+        _SHA256[key] = sha256_file(path)
+    return _SHA256[key]

@@ -113,7 +113,7 @@ def test_manifest_codes_and_light_import():
     assert codes["coronary_artery_wall_calcification"] == ("SCT", "445512009")
     assert (PATHOLOGY.scheme, PATHOLOGY.value) == ("SCT", "408574004")
     config = parse_config(MANIFEST.config)
-    assert config.encoder == "resnet18" and config.input_size == (128, 256, 256) and config.backend == "torch"
+    assert config.encoder == "resnet18" and config.input_size == (128, 256, 256) and config.backend == "auto"
     assert config.hu_window == (-1000.0, 400.0) and set(config.thresholds) == {PATHOLOGY_KEY, *FINDING_KEYS}
     code = ("import sys, plugins.ct_chest_triage; heavy = {'torch', 'monai', 'scipy'} & set(sys.modules); "
             "assert not heavy, f'manifest imports {heavy}'")

@@ -121,7 +121,7 @@ def test_manifest_codes_config_and_light_import():
     cfg = parse_config(m, dict(m.config))
     assert (cfg.feature_size, cfg.roi_size, cfg.spacing, cfg.hu_window) == (48, (96, 96, 96), (2.0, 1.5, 1.5),
                                                                             (-175.0, 250.0))
-    assert (cfg.overlap, cfg.mode, cfg.sw_batch_size, cfg.backend, cfg.orientation) == (0.25, "gaussian", 2, "torch",
+    assert (cfg.overlap, cfg.mode, cfg.sw_batch_size, cfg.backend, cfg.orientation) == (0.25, "gaussian", 2, "auto",
                                                                                         "RAS")
     net = network_for({**m.config, **TINY})  # a dict as tools pass it (bench/models.py)
     assert net.out.conv.conv.out_channels == 4 and net.encoder1.layer.conv1.conv.out_channels == 12

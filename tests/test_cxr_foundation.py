@@ -118,7 +118,7 @@ def test_manifest_codes_config_and_light_import():
     assert all(c.scheme == "SCT" for c in MANIFEST.findings)
     config = MANIFEST.config
     assert config["model_name"] == "vit_large_patch14_reg4_dinov2" and config["img_size"] == 518
-    assert (config["patch_size"], config["num_registers"], config["backend"]) == (14, 4, "torch")
+    assert (config["patch_size"], config["num_registers"], config["backend"]) == (14, 4, "auto")
     assert config["findings"] == list(FINDINGS) and config["heads_file"] == "heads.safetensors"
     assert read_config(MANIFEST, None).grid ** 2 == 1369
     code = ("import sys, plugins.cxr_foundation; bad = {'torch', 'timm'} & set(sys.modules); "

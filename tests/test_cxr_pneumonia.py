@@ -99,7 +99,7 @@ def test_manifest_and_light_import():
     assert MANIFEST.findings == [PNEUMONIA] and PNEUMONIA.value == "233604007" and PNEUMONIA.scheme == "SCT"
     assert MANIFEST.series.body_parts == ["CHEST"] and MANIFEST.weights == "model.safetensors"
     config = read_config(MANIFEST.config)
-    assert (config.model_name, config.img_size, config.backend) == ("vit_base_patch16_224", 224, "torch")
+    assert (config.model_name, config.img_size, config.backend) == ("vit_base_patch16_224", 224, "auto")
     assert config.classes == ("NORMAL", "PNEUMONIA") and config.positive == 1 and config.threshold == 0.5
     assert config.mean == (0.485, 0.456, 0.406) and config.std == (0.229, 0.224, 0.225)
     code = ("import sys, plugins.cxr_pneumonia; heavy = {'torch', 'timm', 'onnxruntime'} & set(sys.modules); "

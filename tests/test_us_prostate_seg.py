@@ -128,7 +128,7 @@ def test_manifest_and_light_import():
     assert (segment.label, segment.category.value, segment.type.value) == (PROSTATE, "91723000", "41216001")
     assert MANIFEST.findings == [AREA] and AREA.value == "42798000"
     cfg = ModelConfig.model_validate(MANIFEST.config)
-    assert (cfg.encoder, cfg.fpn_channels, cfg.size, cfg.backend) == ("resnet34", 128, 768, "torch")
+    assert (cfg.encoder, cfg.fpn_channels, cfg.size, cfg.backend) == ("resnet34", 128, 768, "auto")
     assert cfg.diffusion.model_dump() == {"iterations": 10, "kappa": 30, "gamma": 0.15, "option": 1}
     code = ("import sys, plugins.us_prostate_seg; "
             "assert not {'torch', 'timm'} & set(sys.modules), 'the manifest imports torch or timm'")

@@ -620,6 +620,7 @@ def models_check(as_json: Annotated[bool, typer.Option("--json", help="print JSO
                 entry["bytes"], entry["sha256"] = path.stat().st_size, sha256_file(path)
             row["files"].append(entry)
         row["available"] = unavailable_reason(m, s.models_path) is None
+        row["cpu_backend"] = _cpu_backend(m, folder, config) if row["error"] is None else None
         rows.append(row)
     rows += [{"plugin": n, "version": None, "folder": None, "files": [], "config": None, "config_file": False,
               "error": e, "available": False} for n, e in sorted(found.errors.items())]
@@ -640,13 +641,36 @@ def models_check(as_json: Annotated[bool, typer.Option("--json", help="print JSO
                 out.print(f"  {f['role']}: {escape(Path(f['path']).name)}: {found_text}")
             if r["config_file"]:
                 out.print("  config.json overrides the manifest's configuration")
+            if r.get("cpu_backend"):
+                out.print(f"  on a CPU: {escape(r['cpu_backend'])}")
     if not all(r["available"] for r in rows):
         raise typer.Exit(1)
 
 
-def _loaded_plugin(name: str):
-    """(settings, manifest, loaded plugin, weights SHA-256) for the CLI tools; exits 2 with the reason
-    when it cannot be loaded."""
+def _cpu_backend(manifest, folder: Path, config: dict) -> str | None:
+    """What a torch plugin runs on a CPU (backend auto: whether its ONNX export passed the parity check)."""
+    backend = config.get("backend")
+    if backend in ("torch", "onnx"):
+        return f"{'ONNX Runtime (model.onnx)' if backend == 'onnx' else 'torch'}: backend {backend} in config.json"
+    if backend != "auto":
+        return None
+    from plugins.torch_common import auto_verdict
+
+    verdict = auto_verdict(manifest, folder)
+    if not verdict:
+        return "backend auto: not settled yet (the first CPU load exports to ONNX and checks it against torch)"
+    if verdict.get("passed"):
+        return (f"ONNX Runtime (backend auto: parity passed, max abs difference {verdict['max_abs_diff']:.2g}, "
+                f"{verdict['speedup']:.2f}x torch's speed)")
+    if verdict["max_abs_diff"] > verdict["tolerance"]:
+        return (f"torch (backend auto: ONNX Runtime differed by {verdict['max_abs_diff']:.2g}, above "
+                f"{verdict['tolerance']:.2g})")
+    return f"torch (backend auto: ONNX Runtime ran at {verdict['speedup']:.2f}x torch's speed)"
+
+
+def _loaded_plugin(name: str, backend: str | None = None):
+    """(settings, manifest, loaded plugin, weights SHA-256) for the CLI tools (`backend` overrides the
+    configuration's); exits 2 with the reason when it cannot be loaded."""
     from node.pipeline.inference import load_plugin
     from plugins.base import WeightsUnavailable
     from plugins.registry import unavailable_reason
@@ -658,7 +682,7 @@ def _loaded_plugin(name: str):
         console.print(f"[red]plugin {name} is unavailable: {escape(why)}[/red]")
         raise typer.Exit(2)
     try:
-        plugin, sha = load_plugin(manifest, s)
+        plugin, sha = load_plugin(manifest, s, backend)
     except WeightsUnavailable as exc:
         console.print(f"[red]plugin {name} is unavailable: {escape(str(exc))}[/red]")
         raise typer.Exit(2) from None
@@ -681,11 +705,11 @@ def export_onnx(
     except WeightsUnavailable as exc:
         console.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(2) from None
-    if backend != "torch":
-        console.print(f"[red]plugin {plugin} runs with backend {backend!r} (config.json): set it to \"torch\" to "
-                      "export from the torch weights[/red]")
+    if backend not in ("torch", "auto"):
+        console.print(f"[red]plugin {plugin} runs with backend {backend!r} (config.json): set it to \"auto\" or "
+                      "\"torch\" to export from the torch weights[/red]")
         raise typer.Exit(2)
-    s, manifest, loaded, _ = _loaded_plugin(plugin)
+    s, manifest, loaded, _ = _loaded_plugin(plugin, backend="torch")
     target = out or s.models_path / plugin / ONNX_FILE
     try:
         report = loaded.export_onnx(target)

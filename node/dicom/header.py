@@ -8,12 +8,42 @@ from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_partial
 from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag, Tag
 
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+# The top-level elements `read_header` reads (in tag order): the rest of the data set, pixel data included, is
+# skipped without being decoded, and reading stops after the last one.
+HEADER_TAGS = [Tag(t) for t in (
+    0x00080005,  # SpecificCharacterSet: decodes the texts below
+    0x00080008,  # ImageType
+    0x00080016,  # SOPClassUID
+    0x00080018,  # SOPInstanceUID
+    0x00080060,  # Modality
+    0x00080070,  # Manufacturer
+    0x00081030,  # StudyDescription
+    0x0008103E,  # SeriesDescription
+    0x00180015,  # BodyPartExamined
+    0x00180050,  # SliceThickness
+    0x00181030,  # ProtocolName
+    0x0020000D,  # StudyInstanceUID
+    0x0020000E,  # SeriesInstanceUID
+    0x00200011,  # SeriesNumber
+    0x00200012,  # AcquisitionNumber
+    0x00201002,  # ImagesInAcquisition
+    0x00280008,  # NumberOfFrames
+    0x00400275,  # RequestAttributesSequence
+    0x00401003,  # RequestedProcedurePriority
+)]
+_LAST_TAG = HEADER_TAGS[-1]
+
+
+def _past_header(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag > _LAST_TAG
 
 
 class HeaderError(ValueError):
@@ -85,13 +115,18 @@ def _number(ds: Dataset, keyword: str, kind: type) -> float | int | None:
 
 
 def read_header(source: bytes | Path) -> InstanceHeader:
-    """Parse the header of an encoded DICOM file (bytes with file meta, or a path), never its pixels.
+    """Parse the header of an encoded DICOM file (bytes with file meta, or a path): the file meta and the
+    `HEADER_TAGS` only, never the pixels (an element's value is decoded only when it is one of them).
 
     Raises UndecodableDataset when the bytes cannot be parsed, InvalidUID when a required UID
     (study, series, SOP instance, SOP class) is missing or malformed.
     """
     try:
-        ds = dcmread(BytesIO(source) if isinstance(source, bytes) else source, stop_before_pixels=True)
+        if isinstance(source, bytes):
+            ds = read_partial(BytesIO(source), stop_when=_past_header, specific_tags=HEADER_TAGS)
+        else:
+            with open(source, "rb") as f:
+                ds = read_partial(f, stop_when=_past_header, specific_tags=HEADER_TAGS)
         # Touch the required elements now so lazy decoding errors surface here.
         study, series = ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID")
         sop, sop_class = ds.get("SOPInstanceUID"), ds.get("SOPClassUID")

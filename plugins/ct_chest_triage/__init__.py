@@ -81,6 +81,6 @@ MANIFEST = Manifest(
         "input_size": [128, 256, 256],
         "hu_window": [-1000.0, 400.0],  # HU mapped linearly to [0, 1], clipped outside
         "thresholds": {PATHOLOGY_KEY: 0.5, **{key: 0.5 for key in FINDINGS}},
-        "backend": "torch",  # or "onnx": model.onnx beside the weights (radnode export-onnx)
+        "backend": "auto",  # ONNX Runtime on a CPU once parity passed; "torch"; "onnx": model.onnx (export-onnx)
     },
 )

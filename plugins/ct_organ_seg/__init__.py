@@ -19,7 +19,8 @@ TotalSegmentator's published SNOMED CT mapping). Volumes use SCT 118565006 "Volu
 - `hu_window`: HU mapped linearly to [0, 1] and clipped (MONAI `ScaleIntensityRange`);
 - `roi_size` (in network axes), `overlap`, `mode`, `sw_batch_size`: MONAI sliding-window inference;
   SwinUNETR needs multiples of 32, at least 64 (its bottleneck at 1/32 resolution is instance-normalised);
-- `backend`: "torch" (the safetensors weights) or "onnx" (`model.onnx` written by `radnode export-onnx`).
+- `backend`: "auto" (default: ONNX Runtime on a CPU once an export of these weights matched torch, else torch),
+  "torch" (the safetensors weights) or "onnx" (`model.onnx` written by `radnode export-onnx`).
 """
 
 from plugins.base import Code, Manifest, SegmentSpec, SeriesSelection
@@ -84,6 +85,6 @@ MANIFEST = Manifest(
         "overlap": 0.25,
         "mode": "gaussian",
         "sw_batch_size": 2,
-        "backend": "torch",
+        "backend": "auto",
     },
 )

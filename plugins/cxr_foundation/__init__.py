@@ -54,6 +54,6 @@ MANIFEST = Manifest(
         "heads_file": "heads.safetensors",
         "findings": list(FINDINGS),
         "thresholds": {},
-        "backend": "torch",
+        "backend": "auto",
     },
 )

@@ -35,7 +35,6 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from plugins.base import (
-    ONNX_FILE,
     Classification,
     Findings,
     Heatmap,
@@ -196,8 +195,8 @@ class CxrFoundation(TorchPlugin[FoundationConfig]):
         assert weights is not None  # TorchPlugin.load refuses None
         if heads:
             self.heads = self._load_heads(weights.parent, None if self.net is None else int(self.net.embed_dim))
-            if self.onnx is not None:
-                self._check_onnx(weights.parent / ONNX_FILE, self.onnx, ONNX_META_KEYS)
+            if self.onnx is not None and self.onnx_file is not None:
+                self._check_onnx(self.onnx_file, self.onnx, ONNX_META_KEYS)
         if self.net is not None:
             self.network = Network(self.net, self.heads.heads if self.heads else None).eval().to(self.device)
 

@@ -13,7 +13,8 @@ architecture and preprocessing; `<models dir>/cxr-pneumonia/config.json` overrid
 - `threshold`: the PNEUMONIA probability at or above which the finding is positive;
 - `classes`: the classifier's outputs in order, two names, one of them PNEUMONIA (the other is the
   negative class named in the summary);
-- `backend`: "torch" (the safetensors weights) or "onnx" (`<models dir>/cxr-pneumonia/model.onnx`).
+- `backend`: "auto" (default: ONNX Runtime on a CPU once an export of these weights matched torch, else torch),
+  "torch" (the safetensors weights) or "onnx" (`<models dir>/cxr-pneumonia/model.onnx`).
 """
 
 from plugins.base import Code, Manifest, SeriesSelection
@@ -41,6 +42,6 @@ MANIFEST = Manifest(
         "std": [0.229, 0.224, 0.225],
         "threshold": 0.5,
         "classes": ["NORMAL", "PNEUMONIA"],
-        "backend": "torch",
+        "backend": "auto",
     },
 )

@@ -36,7 +36,7 @@ MANIFEST = Manifest(
         "threshold": 0.5,
         "mean": 0.449,  # grey normalisation on [0, 1] intensities (ImageNet means averaged over RGB)
         "std": 0.226,
-        "backend": "torch",  # "torch" (model.safetensors) or "onnx" (model.onnx from `radnode export-onnx`)
+        "backend": "auto",  # ONNX Runtime on a CPU once parity passed; "torch"; "onnx": model.onnx (export-onnx)
         "batch_size": 8,  # frames per forward pass (bounds memory on long cines)
     },
 )
