@@ -130,6 +130,30 @@ def test_a_failed_parity_check_keeps_torch_and_is_not_retried(tmp_path: Path, mo
     assert "on a CPU: torch (backend auto: ONNX Runtime differed by" in done.stdout, done.stdout
 
 
+def test_an_export_that_fails_keeps_torch_and_is_tried_again_next_load(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      caplog: pytest.LogCaptureFixture):
+    from plugins.us_prostate_seg.model import ProstateSegmenter
+
+    models = _us_models(tmp_path / "models")
+    folder = models / "us-prostate-seg"
+
+    def fails(self, path: Path) -> dict:
+        path.write_bytes(b"half an export")
+        raise RuntimeError("Unsupported: ONNX export of operator foo")
+
+    monkeypatch.setattr(ProstateSegmenter, "export_onnx", fails)
+    with caplog.at_level(logging.WARNING):
+        plugin, _ = _load(models)
+    assert plugin.backend == "torch" and plugin.net is not None
+    assert "keeps torch: the ONNX export failed (RuntimeError: Unsupported" in caplog.text
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    monkeypatch.undo()
+    monkeypatch.setattr(TorchPlugin, "onnx_min_speedup", 0.0)
+    plugin, _ = _load(models)
+    assert plugin.backend == "onnx"
+
+
 def test_onnx_runtime_slower_than_torch_keeps_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                     caplog: pytest.LogCaptureFixture):
     from plugins.us_prostate_seg.model import ProstateSegmenter

@@ -108,3 +108,21 @@ def test_clean_tmp(tmp_path):
     store = InstanceStore(tmp_path / "inst", tmp_path / "tmp")
     (tmp_path / "tmp" / "abc.part").write_bytes(b"partial")
     assert store.clean_tmp() == 1 and not list((tmp_path / "tmp").iterdir())
+
+
+@pytest.mark.parametrize("sop_instance", ["1.2.3.4", "1.2.3.45", "2.25." + "9" * 59])
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.90"])
+def test_file_meta_prefix_is_what_pynetdicom_and_pydicom_write(sop_instance: str, syntax: str):
+    """The receiver stores a data set behind `file_meta_prefix`: the same bytes as
+    `event.encoded_dataset(include_meta=True)` puts before it, for odd and even UID lengths."""
+    from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+    from pynetdicom.dsutils import create_file_meta, encode_file_meta
+
+    from node.dicom.files import file_meta_prefix
+
+    ct = "1.2.840.10008.5.1.4.1.1.2"
+    expected = b"\0" * 128 + b"DICM" + encode_file_meta(
+        create_file_meta(sop_class_uid=ct, sop_instance_uid=sop_instance, transfer_syntax=syntax))
+    ours = file_meta_prefix(ct, sop_instance, syntax, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION)
+    assert ours == expected
+    assert file_meta_prefix(ct, sop_instance, syntax, "1.2.3", "ODD") != expected  # the values are in it

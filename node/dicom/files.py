@@ -1,7 +1,9 @@
-"""DICOM files on disk: discovery under folders, zip guards, grouping by series from the headers."""
+"""DICOM files on disk: discovery under folders, zip guards, grouping by series from the headers, and the
+preamble and file meta a received data set is stored with."""
 
 from __future__ import annotations
 
+import struct
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -56,3 +58,34 @@ def group_series(files: list[Path], on_file: Callable[[], None] = lambda: None
             info[uid] = {k: (str(ds.get(k)) if ds.get(k) is not None else None) for k in
                          ("Modality", "BodyPartExamined", "StudyDescription", "SeriesDescription", "ProtocolName")}
     return series, info, skipped
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    """One group 0002 element, explicit VR little endian; `value` already padded to an even length."""
+    if vr == b"OB":
+        return struct.pack("<HH2s2xI", 0x0002, element, vr, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def _uid(value: str) -> bytes:
+    raw = value.encode("ascii")
+    return raw + b"\0" if len(raw) % 2 else raw
+
+
+def file_meta_prefix(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str,
+                     implementation_uid: str, implementation_version: str) -> bytes:
+    """The 128-byte preamble, "DICM" and the File Meta Information (group length, version, media storage SOP
+    class and instance, transfer syntax, implementation class UID and version name) of a DICOM file: the bytes
+    that go before a data set received over the network. Byte-for-byte what pydicom writes for the same
+    values, without building a data set (this runs for every received instance). Raises UnicodeEncodeError
+    for a non-ASCII value."""
+    version = implementation_version.encode("ascii")
+    body = b"".join((
+        _meta_element(0x0001, b"OB", b"\x00\x01"),
+        _meta_element(0x0002, b"UI", _uid(sop_class_uid)),
+        _meta_element(0x0003, b"UI", _uid(sop_instance_uid)),
+        _meta_element(0x0010, b"UI", _uid(transfer_syntax_uid)),
+        _meta_element(0x0012, b"UI", _uid(implementation_uid)),
+        _meta_element(0x0013, b"SH", version + b" " if len(version) % 2 else version),
+    ))
+    return b"\0" * 128 + b"DICM" + _meta_element(0x0000, b"UL", struct.pack("<I", len(body))) + body

@@ -57,6 +57,7 @@ class Ingest:
     def __init__(self, settings: Settings, sessionmaker: Any, store: InstanceStore | None = None) -> None:
         self.instances = store or InstanceStore(settings.instances_dir, settings.tmp_dir, settings.min_free_bytes)
         self.sessionmaker = sessionmaker
+        self.engine = sessionmaker.kw["bind"]  # rows are recorded on a connection: no ORM session per instance
         self.recorder = InstanceRecorder()
         self.max_bytes = settings.max_instance_bytes
 
@@ -114,8 +115,8 @@ class Ingest:
             return Stored(Status.OUT_OF_RESOURCES, "not stored: could not write the file", header)
         rec = to_record(header, relative, len(data), calling_ae, called_ae)
         try:
-            with self.sessionmaker.begin() as session:
-                new = self.recorder.record(session, rec, utcnow())
+            with self.engine.begin() as connection:
+                new = self.recorder.record(connection, rec, utcnow())
         except SQLAlchemyError:
             self.recorder.forget()
             # The file is on disk (a resend overwrites it; start-up reconciles it); the sender retries.

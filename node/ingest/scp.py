@@ -17,9 +17,17 @@ import threading
 import time
 from typing import Any
 
+import pydicom.config
 import pynetdicom._config
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
+    AllStoragePresentationContexts,
+    evt,
+)
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.presentation import PresentationContext
@@ -28,6 +36,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 
 from db.session import make_engine, make_sessionmaker
 from node import metrics
+from node.dicom.files import file_meta_prefix
 from node.dicom.status import Status
 from node.ingest.ingest import Ingest
 from node.ingest.storage import InstanceStore
@@ -62,12 +71,16 @@ class Receiver:
         """Store one instance durably and record it; never raises (errors become statuses)."""
         calling = event.assoc.requestor.ae_title.strip() or None
         try:
-            data = event.encoded_dataset(include_meta=True)
+            request = event.request
+            # as event.encoded_dataset(include_meta=True) would give, without building a file meta data set
+            prefix = file_meta_prefix(request.AffectedSOPClassUID, request.AffectedSOPInstanceUID,
+                                      event.context.transfer_syntax, PYNETDICOM_IMPLEMENTATION_UID,
+                                      PYNETDICOM_IMPLEMENTATION_VERSION)
+            data = b"".join((prefix, request.DataSet.getbuffer()))
         except Exception:
             log.exception("C-STORE: could not read the received data set")
             stored = self.ingest.refused("dimse", calling, Status.CANNOT_UNDERSTAND, "cannot read data set", 0)
         else:
-            request = event.request
             stored = self.ingest.store(data, calling, source="dimse", sop_class_uid=request.AffectedSOPClassUID,
                                        sop_instance_uid=request.AffectedSOPInstanceUID, called_ae=_called(event))
         return stored.status if stored.ok else _status(stored.status, stored.reason)
@@ -760,6 +773,9 @@ def receiver_main(settings_data: dict[str, Any], index: int, ready: Any, node_pi
     die_with_parent(node_pid, signal.SIGTERM, grace=STOP_GRACE_SECONDS + 5, what=f"receiver {index}")
     settings = Settings(**settings_data)
     setup_logging(settings.log_level, settings.log_json, settings.uid_hash_salt.get_secret_value())
+    # pydicom checks every UID pynetdicom builds (several per C-STORE) against its regex and only warns: the
+    # receiver checks the UIDs it uses itself (node.dicom.header.check_uid), so that is CPU spent for nothing
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     tighten_polling()
     quiet_peer_faults()
     store = InstanceStore(settings.instances_dir, settings.tmp_dir, settings.min_free_bytes)
