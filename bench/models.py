@@ -17,7 +17,11 @@ SwinUNETR over a whole chest CT should be well under that on an H100.
 
 Usage
     .venv/bin/python bench/models.py [--plugins a,b] [--device cpu|cuda|both] [--backends torch,auto]
-                                     [--repeat 2] [--json FILE]
+                                     [--ct-slices N] [--repeat 2] [--json FILE]
+
+`--ct-slices N` resamples the CT (64 slices) linearly along z to N slices over the same extent before the
+CT plugins run (e.g. 300: the slice count of a thin-slice chest CT), so the sliding window and the triage
+network see a volume of that size.
 """
 
 from __future__ import annotations
@@ -138,7 +142,24 @@ class _TimedOnnx:
         return getattr(self.model, name)
 
 
-def run_one(name: str, device: str, repeat: int, backend: str = "torch") -> dict[str, Any]:
+def resample_slices(image: Any, slices: int) -> Any:
+    """A CT volume resampled linearly along z to `slices` slices over the same extent (spacing adjusted; each
+    new slice keeps the source reference of its nearest original)."""
+    from dataclasses import replace
+
+    import numpy as np
+    from scipy.ndimage import zoom
+
+    z = image.pixels.shape[0]
+    if image.kind != "volume" or slices == z or z < 2 or slices < 2:
+        return image
+    pixels = zoom(image.pixels, (slices / z, 1, 1), order=1).astype(np.float32)
+    spacing = (float(image.spacing[0]) * (z - 1) / (slices - 1), *image.spacing[1:])
+    sources = tuple(image.sources[min(z - 1, round(i * (z - 1) / (slices - 1)))] for i in range(slices))
+    return replace(image, pixels=pixels, spacing=spacing, sources=sources)
+
+
+def run_one(name: str, device: str, repeat: int, backend: str = "torch", ct_slices: int = 0) -> dict[str, Any]:
     """Generate weights, load with `backend` ("torch", or "auto": export, parity check, ONNX Runtime on a CPU),
     run `repeat` times; the figures of this process."""
     import torch
@@ -194,6 +215,8 @@ def run_one(name: str, device: str, repeat: int, backend: str = "torch") -> dict
         t = time.perf_counter()
         image = load_image(files, min_slices=manifest.series.min_slices)
         dicom = time.perf_counter() - t
+        if ct_slices:
+            image = resample_slices(image, ct_slices)
         forward.clear()
         t = time.perf_counter()
         findings = plugin.run(image)
@@ -255,6 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--plugins", default=",".join(CASES))
     p.add_argument("--device", choices=["cpu", "cuda", "both"], default="both")
     p.add_argument("--backends", default="torch,auto", help="torch, auto (CPU only: GPU auto is torch)")
+    p.add_argument("--ct-slices", type=int, default=0, help="resample the CT to this many slices (0: as stored)")
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--one", help=argparse.SUPPRESS)  # child mode: NAME:DEVICE:BACKEND
@@ -262,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.one:
         name, device, backend = args.one.split(":", 2)
-        print(json.dumps(run_one(name, device, args.repeat, backend)))
+        print(json.dumps(run_one(name, device, args.repeat, backend, args.ct_slices)))
         return 0
     devices = ["cpu"]
     if args.device in ("cuda", "both"):
@@ -280,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for backend in backends if device == "cpu" else ["torch"]:
                 print(f"{name} on {device} ({backend}) ...", flush=True)
                 done = subprocess.run([sys.executable, __file__, "--one", f"{name}:{device}:{backend}",
-                                       "--repeat", str(args.repeat)],
+                                       "--repeat", str(args.repeat), "--ct-slices", str(args.ct_slices)],
                                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
                 if done.returncode != 0:
                     results.append({"plugin": name, "device": device, "backend": backend,
