@@ -16,8 +16,8 @@ from pydicom.tag import BaseTag, Tag
 
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
-# The top-level elements `read_header` reads (in tag order): the rest of the data set, pixel data included, is
-# skipped without being decoded, and reading stops after the last one.
+# The top-level elements `read_header` decodes: every other element up to the pixel data is only stepped over by
+# its length (so a broken structure is still found), and reading stops at the pixel data.
 HEADER_TAGS = [Tag(t) for t in (
     0x00080005,  # SpecificCharacterSet: decodes the texts below
     0x00080008,  # ImageType
@@ -39,11 +39,11 @@ HEADER_TAGS = [Tag(t) for t in (
     0x00400275,  # RequestAttributesSequence
     0x00401003,  # RequestedProcedurePriority
 )]
-_LAST_TAG = HEADER_TAGS[-1]
+_PIXELS = Tag(0x7FE00008)  # Float Pixel Data; Double Float Pixel Data and Pixel Data follow
 
 
-def _past_header(tag: BaseTag, vr: str | None, length: int) -> bool:
-    return tag > _LAST_TAG
+def _at_pixels(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag >= _PIXELS
 
 
 class HeaderError(ValueError):
@@ -116,17 +116,17 @@ def _number(ds: Dataset, keyword: str, kind: type) -> float | int | None:
 
 def read_header(source: bytes | Path) -> InstanceHeader:
     """Parse the header of an encoded DICOM file (bytes with file meta, or a path): the file meta and the
-    `HEADER_TAGS` only, never the pixels (an element's value is decoded only when it is one of them).
+    `HEADER_TAGS` only, never the pixels (the other elements are stepped over, not decoded).
 
     Raises UndecodableDataset when the bytes cannot be parsed, InvalidUID when a required UID
     (study, series, SOP instance, SOP class) is missing or malformed.
     """
     try:
         if isinstance(source, bytes):
-            ds = read_partial(BytesIO(source), stop_when=_past_header, specific_tags=HEADER_TAGS)
+            ds = read_partial(BytesIO(source), stop_when=_at_pixels, specific_tags=HEADER_TAGS)
         else:
             with open(source, "rb") as f:
-                ds = read_partial(f, stop_when=_past_header, specific_tags=HEADER_TAGS)
+                ds = read_partial(f, stop_when=_at_pixels, specific_tags=HEADER_TAGS)
         # Touch the required elements now so lazy decoding errors surface here.
         study, series = ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID")
         sop, sop_class = ds.get("SOPInstanceUID"), ds.get("SOPClassUID")
