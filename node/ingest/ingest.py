@@ -122,13 +122,9 @@ class Ingest:
             # The file is on disk (a resend overwrites it; start-up reconciles it); the sender retries.
             log.exception("instance not recorded: database unavailable")
             return Stored(Status.OUT_OF_RESOURCES, "not stored: database unavailable", header)
-        log.debug(
-            "stored instance %s series %s (%s, %d bytes)",
-            uid_hash(header.sop_instance_uid),
-            uid_hash(header.series_uid),
-            "new" if new else "re-sent",
-            len(data),
-        )
+        if log.isEnabledFor(logging.DEBUG):  # the hashes cost more than the rest of the line
+            log.debug("stored instance %s series %s (%s, %d bytes)", uid_hash(header.sop_instance_uid),
+                      uid_hash(header.series_uid), "new" if new else "re-sent", len(data))
         return Stored(Status.SUCCESS, "stored", header)
 
     @staticmethod
