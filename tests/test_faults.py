@@ -89,6 +89,10 @@ def test_a_receiver_killed_mid_association_loses_nothing_acknowledged(node: Node
     report = send(files, "127.0.0.1", node.port, node.ae_title)
     assert report.sent == len(files), report.failed
     assert len(instance_uids(node)) == len(files) == len(stored_files(node))
+    # the supervisor notices the dead receiver on its next pass: under load that can come after the send
+    deadline = time.monotonic() + 30
+    while "restarting" not in node.logs() and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert "receiver" in node.logs() and "restarting" in node.logs()
 
 
