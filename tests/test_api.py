@@ -237,6 +237,8 @@ def test_upload_limit_gives_413(tmp_path: Path):
         assert r.status_code == 413 and "max_upload_bytes" in r.json()["detail"]
 
         def chunks():  # no Content-Length: the limit applies while streaming
+            # a well-formed start: junk alone was refused as malformed (400) when its first chunk arrived alone
+            yield b"--x\r\nContent-Type: application/dicom\r\n\r\n"
             for _ in range(20):
                 yield b"y" * 10_000
 

@@ -174,8 +174,9 @@ def raw_echo_seconds(node, source: str = "127.0.0.1") -> float:
     return time.monotonic() - start
 
 
-def store_one(node, ct_file: Path, tmp: Path) -> None:
-    """One real C-STORE (a fresh instance UID) that must be stored byte-identically."""
+def store_one(node, ct_file: Path, tmp: Path, procs: list[psutil.Process] = ()) -> int | None:
+    """One real C-STORE (a fresh instance UID) that must be stored byte-identically; the pid of the receiver
+    among `procs` that took the association (None when not given)."""
     ds = dcmread(ct_file)
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     path = tmp / f"{ds.SOPInstanceUID}.dcm"
@@ -185,10 +186,14 @@ def store_one(node, ct_file: Path, tmp: Path) -> None:
     ae.acse_timeout = ae.network_timeout = 10
     assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
     assert assoc.is_established
+    local_port = assoc.dul.socket.socket.getsockname()[1]
+    served = next((p.pid for p in procs for c in p.net_connections(kind="tcp")
+                   if c.raddr and c.raddr.port == local_port), None)
     status = assoc.send_c_store(path)
     assoc.release()
     assert status and status.Status == 0
     check_stored(node, {str(ds.SOPInstanceUID): path})
+    return served
 
 
 # --- what the node says ----------------------------------------------------------------------------------
@@ -515,10 +520,16 @@ def test_pdu_fuzz(start_node, ct_dir, tmp_path):
     byte-identically, and its receivers are back to their thread and fd counts; RSS stays bounded."""
     node = start_node(dicom_associate_timeout="2")
     ct_file = sorted(ct_dir.glob("*.dcm"))[0]
-    for _ in range(8):  # warm up both receivers (the kernel picks one per connection): imports, database, metrics
-        store_one(node, ct_file, tmp_path)
     procs = receivers(node)
     assert len(procs) == 2
+    # warm up both receivers (imports, database connections, metrics) with 4 C-STOREs each: the kernel picks one
+    # per connection, so a fixed number of stores once left one receiver cold and its fds grew after the baseline
+    served = {p.pid: 0 for p in procs}
+    for _ in range(64):
+        if min(served.values()) >= 4:
+            break
+        served[store_one(node, ct_file, tmp_path, procs)] += 1
+    assert min(served.values()) >= 4, served
     baseline = usage(procs)
     counter = {"sessions": 0, "batches": 0}
     echo_times: list[float] = []
