@@ -271,9 +271,9 @@ def quiet_peer_faults() -> None:
 
 
 # --- pynetdicom internals -----------------------------------------------------------------------------------
-# Every use of pynetdicom's internals is in this section and in _WakingDUL / _ShortSleeps below (the reactors'
-# sleeps), besides the log texts in _PYNETDICOM_FAULTS and the state machine's re-raise that _thread_died
-# expects; checked against PYNETDICOM_CHECKED, which
+# Every use of pynetdicom's internals is in this section and in _WakingDUL / _FastStores (the C-STORE fast
+# path) / _ShortSleeps below (the reactors' sleeps), besides the log texts in _PYNETDICOM_FAULTS and the state
+# machine's re-raise that _thread_died expects; checked against PYNETDICOM_CHECKED, which
 # tests/test_listener.py compares with the installed version so that an upgrade re-checks them.
 PYNETDICOM_CHECKED = "3.0.4"
 
