@@ -28,7 +28,7 @@ from db.session import make_engine, make_sessionmaker
 from node.dicom.header import HeaderError, read_header
 from node.ingest.completeness import ExpectedCount
 from node.ingest.ingest import to_record
-from node.ingest.scp import listen_addresses, spawn_receiver
+from node.ingest.scp import listen_addresses, open_listeners, spawn_receiver
 from node.ingest.storage import InstanceStore
 from node.ingest.tracker import Tracker
 from node.metrics import enable_multiprocess
@@ -119,6 +119,7 @@ class Node:
 
     settings: Settings
     receivers: dict[int, mp.process.BaseProcess] = field(default_factory=dict)
+    listeners: list[socket.socket] = field(default_factory=list)  # the DICOM ports, shared by the receivers
     stop: threading.Event = field(default_factory=threading.Event)
     worker: subprocess.Popen | None = None
     api: mp.process.BaseProcess | None = None
@@ -148,8 +149,12 @@ class Node:
         reconcile(self.store, self.sessionmaker)
         enable_multiprocess(s.data_path / "metrics")  # before any child starts: they all write metrics there
         self._ready: Any = mp.get_context("spawn").Queue()
+        try:
+            self.listeners = open_listeners(s)
+        except OSError as exc:
+            raise StartupError(f"cannot listen for DICOM: {exc}") from exc
         for i in range(s.receivers):
-            self.receivers[i] = spawn_receiver(s, i, self._ready)
+            self.receivers[i] = spawn_receiver(s, i, self._ready, self.listeners)
         self._wait_ready(set(self.receivers))
         if s.http_port:
             self.api = spawn_api(s, self._ready)
@@ -327,7 +332,7 @@ class Node:
         for index, proc in list(self.receivers.items()):
             if not proc.is_alive() and not self.stop.is_set():
                 log.error("receiver %d exited with %s; restarting", index, proc.exitcode)
-                self.receivers[index] = spawn_receiver(self.settings, index, self._ready)
+                self.receivers[index] = spawn_receiver(self.settings, index, self._ready, self.listeners)
                 try:
                     self._wait_ready({index}, timeout=30, starting=False)
                 except StartupError:
@@ -355,6 +360,8 @@ class Node:
         for proc in children:
             if proc.is_alive():
                 proc.terminate()  # SIGTERM: stop accepting, finish running associations and requests
+        for sock in self.listeners:  # the port is free once the receivers closed theirs too
+            sock.close()
         for proc in children:
             proc.join(timeout=15)
             if proc.is_alive():
