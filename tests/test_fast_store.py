@@ -9,6 +9,7 @@ import io
 import socket
 import struct
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -21,11 +22,13 @@ from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.presentation import build_context
 from pynetdicom.service_class import StorageServiceClass
 
 from db.migrate import upgrade
 from db.session import make_engine, make_sessionmaker
 from node.dicom.files import file_meta_prefix
+from node.dispatch import scu
 from node.ingest import pdata
 from node.ingest.ingest import Ingest
 from node.ingest.scp import Receiver, start_servers, stop_servers
@@ -300,3 +303,25 @@ def test_out_of_order_items_go_to_pynetdicom(listener):
         assert receiver.by_pynetdicom == 2
     finally:
         s.close()
+
+
+def test_a_response_is_left_for_the_send_that_waits_for_it(listener):
+    """radnode's SCU (dispatch, sends, priors): pynetdicom's requestor reactor looks at the DIMSE queue between
+    requests, and once took the response to a C-STORE that this fast receiver had answered within the look
+    (the send then waited out its DIMSE timeout). A response on the queue now stays there for the send_*."""
+    port, _, _ = listener
+    assoc = scu.associate("127.0.0.1", port, "RADNODE", "RACE", [build_context(CT_STORAGE, EXPLICIT_LE)])
+    try:
+        stray = C_STORE()
+        stray.MessageIDBeingRespondedTo, stray.Status = 1, 0x0000
+        stray.AffectedSOPClassUID, stray.AffectedSOPInstanceUID = CT_STORAGE, CT_UID
+        assoc.dimse.msg_queue.put((3, stray))
+        time.sleep(0.3)  # the reactor looks every millisecond
+        assert assoc.dimse.msg_queue.qsize() == 1
+        assert assoc.dimse.get_msg(block=True) == (3, stray)
+        instance = "1.2.826.0.1.3680043.2.1.1.7"
+        ds = dcmread(io.BytesIO(file_meta_prefix(CT_STORAGE, instance, EXPLICIT_LE, PYNETDICOM_IMPLEMENTATION_UID,
+                                                 PYNETDICOM_IMPLEMENTATION_VERSION) + _data_set(instance)))
+        assert assoc.send_c_store(ds).Status == 0x0000
+    finally:
+        assoc.release()

@@ -15,6 +15,8 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 
+from node.dicom.association import keep_responses_for_their_caller
+
 log = logging.getLogger("radnode.scu")
 
 # Send a file's stored bytes as they are (no decode/re-encode that could drop or alter elements).
@@ -50,6 +52,7 @@ def associate(
     if not assoc.is_established:
         reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
         raise AssociationFailed(f"association with {called_ae}@{host}:{port} failed: {reason}")
+    keep_responses_for_their_caller(assoc)
     _nodelay(assoc)
     return assoc
 

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from pydicom import Dataset, dcmwrite
 
+from node.dicom.association import keep_responses_for_their_caller
 from node.files import atomic_write
 from node.logs import uid_hash
 from node.settings import DicomDestination, DicomwebDestination
@@ -219,6 +220,7 @@ def _associate(source: DicomDestination, ae_title: str, timeout: float, *, get: 
         reason = ("association rejected (check the AE titles and that the PACS knows our calling AE)"
                   if assoc.is_rejected else "no association: connection refused, unreachable, timed out or aborted")
         raise PriorError(f"{_where(source)}: {reason}")
+    keep_responses_for_their_caller(assoc)
     sock = assoc.dul.socket.socket if assoc.dul.socket else None
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
