@@ -100,6 +100,8 @@ from ingest import (  # noqa: E402  (the sibling benchmark's helpers)
     wait_until,
 )
 
+from node.dicom.association import keep_responses_for_their_caller  # noqa: E402
+
 FIXTURE_SITE = REPO / "tests" / "fixtures" / "plugin_site"
 RADNODE_AE = "RADNODE"
 ORTHANC_AE = "ORTHANC"
@@ -547,6 +549,7 @@ class Sender(threading.Thread):
                 with self.ledger.lock:
                     self.ledger.association_failures += 1
                 continue
+            keep_responses_for_their_caller(assoc)  # pynetdicom's requestor race (node/dicom/association.py)
             with self.assoc_lock:
                 self.assoc = assoc
             left = []

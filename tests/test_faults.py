@@ -23,6 +23,7 @@ import pytest
 from pydicom import dcmread
 from pynetdicom import AE, build_context
 
+from node.dicom.association import keep_responses_for_their_caller
 from node.dispatch.scu import echo, send
 from tests.conftest import NodeProcess, free_port, need
 from tests.orthanc import Orthanc
@@ -66,6 +67,7 @@ def test_a_receiver_killed_mid_association_loses_nothing_acknowledged(node: Node
     ae.requested_contexts = [build_context(c) for c in contexts]
     assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
     assert assoc.is_established
+    keep_responses_for_their_caller(assoc)  # pynetdicom's requestor race (node/dicom/association.py)
     acknowledged: list[str] = []
     for i, f in enumerate(files):
         if i == 20:

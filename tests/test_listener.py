@@ -22,6 +22,7 @@ from pynetdicom import AE
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import CTImageStorage, Verification
 
+from node.dicom.association import keep_responses_for_their_caller
 from tests.test_scp import check_stored
 
 SQLITE = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the listener, not the database
@@ -186,6 +187,7 @@ def store_one(node, ct_file: Path, tmp: Path, procs: list[psutil.Process] = ()) 
     ae.acse_timeout = ae.network_timeout = 10
     assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
     assert assoc.is_established
+    keep_responses_for_their_caller(assoc)  # pynetdicom's requestor race (node/dicom/association.py)
     local_port = assoc.dul.socket.socket.getsockname()[1]
     served = next((p.pid for p in procs for c in p.net_connections(kind="tcp")
                    if c.raddr and c.raddr.port == local_port), None)
