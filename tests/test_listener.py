@@ -524,8 +524,9 @@ def test_pdu_fuzz(start_node, ct_dir, tmp_path):
     ct_file = sorted(ct_dir.glob("*.dcm"))[0]
     procs = receivers(node)
     assert len(procs) == 2
-    # warm up both receivers (imports, database connections, metrics) with 4 C-STOREs each: the kernel picks one
-    # per connection, so a fixed number of stores once left one receiver cold and its fds grew after the baseline
+    # warm up both receivers (imports, database connections, metrics) with 4 C-STOREs each: whichever receiver
+    # accepts first takes a connection, so a fixed number of stores once left one receiver cold and its fds grew
+    # after the baseline
     served = {p.pid: 0 for p in procs}
     for _ in range(64):
         if min(served.values()) >= 4:
