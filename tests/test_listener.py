@@ -308,25 +308,26 @@ def test_closed_and_silent_connections_do_not_lock_out(start_node):
 @SQLITE
 def test_limits_per_source_and_in_total(start_node):
     """Over the per-source limit a connection is closed at once with a WARNING naming the address and the
-    count, and other addresses still associate; over the total limit likewise."""
-    node = start_node(dicom_max_per_source="4", dicom_max_associations="6", dicom_associate_timeout="3")
+    count, and other addresses still associate; over the total limit likewise. The limits hold per receiver;
+    with several, whichever is free first takes a connection (one stalled for a moment leaves all of them to
+    another), so the counts are exact with one."""
+    node = start_node(receivers="1", dicom_max_per_source="4", dicom_max_associations="6",
+                      dicom_associate_timeout="3")
     flood = [connect(node, "127.0.0.2") for _ in range(20)]
     refused = closed_within(flood, 1.0)
-    # 2 receivers share the port; the kernel spreads connections, each receiver admits 4
-    assert 12 <= len(refused) <= 16, len(refused)
+    assert len(refused) == 20 - 4
     assert echo_seconds(node, "127.0.0.3") < 2
     lines = warnings_from(node, "127.0.0.2")
-    assert lines and all("4 connections open from this address, limit 4 per receiver (per_source_limit)" in line
-                         for line in lines), lines
-    assert len(lines) <= 2  # one line per receiver and 10 s, not one per refused connection
+    assert len(lines) == 1, lines  # one line per address, limit and 10 s, not one per refused connection
+    assert "4 connections open from this address, limit 4 per receiver (per_source_limit)" in lines[0], lines
     assert metric(node, "per_source_limit") == len(refused)
     for s in flood:
         s.close()
     time.sleep(0.5)  # the node sees them closed
-    # in total: 6 per receiver, whatever the addresses
+    # in total: 6, whatever the addresses
     many = [connect(node, f"127.0.1.{i + 1}") for i in range(20)]
     refused = closed_within(many, 1.0)
-    assert 8 <= len(refused) <= 14, len(refused)
+    assert len(refused) == 20 - 6
     assert metric(node, "total_limit") == len(refused)
     assert any("limit 6 per receiver (total_limit)" in line for line in node.logs().splitlines())
     for s in many:
@@ -334,10 +335,10 @@ def test_limits_per_source_and_in_total(start_node):
     assert echo_seconds(node, "127.0.0.3") < 2  # closed connections free their slots at once
     # silent connections never keep a talking client out: at a limit, one silent for a second makes room
     evicted = metric(node, "evicted")
-    quiet = [connect(node, f"127.0.6.{i + 1}") for i in range(30)]  # both receivers full (6 each)
-    assert len(closed_within(quiet, 1.2)) == 30 - 12
+    quiet = [connect(node, f"127.0.6.{i + 1}") for i in range(30)]  # the receiver full (6)
+    assert len(closed_within(quiet, 1.2)) == 30 - 6
     assert echo_seconds(node, "127.0.0.3") < 2
-    assert len(closed_within(quiet, 1.0)) == 30 - 12 + 1
+    assert len(closed_within(quiet, 1.0)) == 30 - 6 + 1
     assert metric(node, "evicted") == evicted + 1
     assert any(" closed to make room: it sent nothing for 1 s, 6 connections open, limit 6 per receiver (evicted)"
                in line for line in node.logs().splitlines())
