@@ -42,9 +42,10 @@ def test_a_corrupt_file_in_the_store_at_startup_is_skipped(start_node, tmp_path:
     broken.write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 300)  # a power cut in the middle of a copy
     (data / "tmp").mkdir()
     (data / "tmp" / "half.dcm.0123456789abcdef.part").write_bytes(b"partial")
+    (broken.parent / "1.2.3.4.6.dcm.0123456789abcdef.part").write_bytes(b"partial")  # beside the instances
     node = start_node(data)
     assert "reconcile: unreadable stored file skipped" in node.logs()
-    assert not list((data / "tmp").glob("*.part"))
+    assert not list(data.rglob("*.part"))
     assert echo("127.0.0.1", node.port, node.ae_title, "TESTSCU") == 0
     files = sorted(ct_dir.glob("*.dcm"))[:4]
     assert send(files, "127.0.0.1", node.port, node.ae_title).sent == 4

@@ -361,12 +361,12 @@ def test_disk_full_then_recovers(start_node, ct_dir, tmp_path, db_url):
         check_stored(node, {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID): f for f in acked})
         for f in acked:
             assert dcmread(stored_files(node)[str(dcmread(f, stop_before_pixels=True).SOPInstanceUID)]).pixel_array.size
-        assert not list((mnt / "data" / "tmp").glob("*.part"))  # refused writes left no partial file
+        assert not list((mnt / "data").rglob("*.part"))  # refused writes left no partial file
         filler.unlink()  # space returns
         report = send(files, "127.0.0.1", node.port, node.ae_title)
         assert report.sent == 6, report.failed
         check_stored(node, {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID): f for f in files})
-        assert not list((mnt / "data" / "tmp").glob("*.part"))
+        assert not list((mnt / "data").rglob("*.part"))
         node.stop()
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -81,7 +81,7 @@ def test_write_is_atomic_and_idempotent(ct_file, tmp_path):
     rel2 = store.write(h, data[:-2] + b"\0\0")  # a re-send replaces the file
     assert rel2 == rel and store.path(rel).read_bytes()[-2:] == b"\0\0"
     assert list(store.iter_files()) == [rel]
-    assert not list((tmp_path / "tmp").iterdir())
+    assert not list(tmp_path.rglob("*.part"))
 
 
 def test_reserve_and_enospc_are_storage_full(ct_file, tmp_path, monkeypatch):
@@ -100,14 +100,19 @@ def test_reserve_and_enospc_are_storage_full(ct_file, tmp_path, monkeypatch):
     with pytest.raises(StorageFull, match="disk full"):
         store.write(h, data)
     monkeypatch.setattr(os, "write", real_write)
-    assert not list((tmp_path / "tmp").iterdir()), "partial file left behind"
+    assert not list(tmp_path.rglob("*.part")), "partial file left behind"
     assert not list(store.iter_files())
 
 
 def test_clean_tmp(tmp_path):
     store = InstanceStore(tmp_path / "inst", tmp_path / "tmp")
     (tmp_path / "tmp" / "abc.part").write_bytes(b"partial")
-    assert store.clean_tmp() == 1 and not list((tmp_path / "tmp").iterdir())
+    series = tmp_path / "inst" / "1.2.3" / "1.2.3.4"
+    series.mkdir(parents=True)
+    (series / "1.2.3.4.5.dcm.0123456789abcdef.part").write_bytes(b"partial")  # beside the instances
+    (series / "1.2.3.4.6.dcm").write_bytes(b"kept")
+    assert store.clean_tmp() == 2 and not list((tmp_path / "tmp").iterdir())
+    assert [p.name for p in series.iterdir()] == ["1.2.3.4.6.dcm"]
 
 
 @pytest.mark.parametrize("sop_instance", ["1.2.3.4", "1.2.3.45", "2.25." + "9" * 59])
