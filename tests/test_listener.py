@@ -8,6 +8,8 @@ import re
 import select
 import socket
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -258,6 +260,39 @@ def test_pynetdicom_internals_checked_for_this_version():
     from node.ingest import scp
 
     assert pynetdicom.__version__ == scp.PYNETDICOM_CHECKED
+
+
+def test_cached_uid_checks_answer_as_before():
+    """cache_uid_checks (receiver processes) keeps every answer of pynetdicom's UI validator and of pydicom's
+    UID.is_valid, and caches them: run in a process of its own, which it changes for good."""
+    script = """
+import pynetdicom._config
+from pydicom.uid import UID
+from pynetdicom.utils import set_uid
+from node.ingest.scp import cache_uid_checks
+uids = ["1.2.840.10008.1.2.1", "1.2.3", "0.1", "1.02.3", "1.2.3.", ".1.2", "1.2a.3", "", "1." * 31 + "1",
+        "1." * 32 + "1", "1.2.840.10008.1.2.1\\0", "1.2 .3", "x" * 70]
+def answers():
+    out = []
+    for u in uids:
+        v = UID(u)
+        out.append((v.is_valid, pynetdicom._config.VALIDATORS["UI"](v)))
+        try:
+            out.append(str(set_uid(u, "Transfer Syntax Name")))
+        except ValueError as exc:
+            out.append(str(exc))
+    return out
+before = answers()
+cache_uid_checks()
+after, again = answers(), answers()
+assert before == after == again, (before, after)
+assert pynetdicom._config.VALIDATORS["UI"].cache_info().hits >= len(uids)
+print("ok", sum(a[0] for a in before[::2]), "valid")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["ok", "4", "valid"]
 
 
 # --- port scans, health checks, silent connections --------------------------------------------------------
