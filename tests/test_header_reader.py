@@ -174,6 +174,30 @@ def test_character_sets(monkeypatch):
         assert h.study_description == text
 
 
+def test_values_pydicom_cannot_decode(monkeypatch):
+    """Malformed values (a number that is not one, a character set that does not exist, bytes that are not
+    text in it, a transfer syntax that is not ASCII): the same header or error as read_partial gives."""
+    cases = []
+    # a valid placeholder, encoded, then its bytes replaced by the same number of malformed ones
+    for keyword, placeholder, value in [("SeriesNumber", "9876", b"abc "), ("SliceThickness", "9.876", b"x.y.z "),
+                                        ("AcquisitionNumber", ["98", "76"], b"1\\2abc"),
+                                        ("SpecificCharacterSet", "ISO_IR 192", b"ISO_IR 999"),
+                                        ("StudyDescription", "Thorax", b"\xff\xfe\xfd\xfc\xfb\xfa")]:
+        ds = base_dataset()
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        setattr(ds, keyword, placeholder)
+        data = encode(ds, ExplicitVRLittleEndian)
+        old = "\\".join(placeholder).encode() if isinstance(placeholder, list) else placeholder.encode()
+        old += b" " * (len(old) % 2)
+        assert data.count(old) == 1 and len(value) == len(old), keyword
+        cases.append(data.replace(old, value))
+    raw = encode(base_dataset(), ExplicitVRLittleEndian)
+    cases.append(raw.replace(b"Some Vendor", b"Some\xe9\xe8ndor"))
+    cases.append(raw.replace(ExplicitVRLittleEndian.encode(), b"1.2.840.10008.1.\xb2.1"))
+    for data in cases:
+        assert outcome(data, True, monkeypatch) == outcome(data, False, monkeypatch)
+
+
 def test_left_to_pydicom(monkeypatch):
     """Big endian, a data set not in the file's declared encoding, no preamble: pydicom reads them."""
     ds = base_dataset()

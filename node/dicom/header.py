@@ -186,15 +186,18 @@ def _fast_dataset(data: bytes) -> _Found | None:
                 end = pos - 8 if length == _UNDEFINED else pos  # an undefined-length value without its delimiter
                 raws.append(RawDataElement(Tag(tag), vr.decode() if vr else None, length, data[start:end], start,
                                            implicit, True))
+    except (_Unsure, UnicodeDecodeError):
+        return None
+    try:
         charset = next((r for r in raws if r.tag == 0x00080005), None)
         encodings = convert_encodings(convert_raw_data_element(charset).value) if charset else [default_encoding]
         found = _Found()
         for raw in raws:
             element = convert_raw_data_element(raw, encoding=encodings)
             found[element.keyword] = element.value
-        found.file_meta = {"TransferSyntaxUID": uid}
-    except _Unsure:
+    except Exception:  # a value pydicom cannot decode: read_header's own handling of it, on read_partial's dataset
         return None
+    found.file_meta = {"TransferSyntaxUID": uid}
     return found
 
 
