@@ -140,17 +140,17 @@ def _fast_dataset(data: bytes) -> _Found | None:
     try:
         if size < 132 or data[128:132] != b"DICM":
             return None
-        pos, meta = 132, {}
-        while data[pos:pos + 2] == b"\x02\x00":
+        pos, syntax = 132, None
+        while data[pos:pos + 2] == b"\x02\x00":  # the file meta: only its Transfer Syntax UID is read
             tag, vr, length, pos = _element(data, pos, False)
             if length == _UNDEFINED or pos + length > size or vr == b"UN":
                 raise _Unsure
-            meta[tag] = RawDataElement(Tag(tag), vr.decode(), length, data[pos:pos + length], pos, False, True)
+            if tag == 0x00020010:
+                syntax = data[pos:pos + length]
             pos += length
-        syntax = meta.get(0x00020010)
         if syntax is None:
             return None
-        uid = UID(syntax.value.decode("ascii").rstrip("\0 "))
+        uid = UID(syntax.decode("ascii").rstrip("\0 "))
         if not uid.is_transfer_syntax or uid.is_deflated or not uid.is_little_endian:
             return None
         implicit = uid.is_implicit_VR

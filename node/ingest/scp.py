@@ -928,7 +928,7 @@ def cache_uid_checks() -> None:
     times over, a regex each time: for storescu's 128 proposed contexts some 3,500 checks, a third of the ~20 ms
     of CPU an association cost a receiver. The same few hundred UIDs come back with every association; the
     answers are the same, only cached."""
-    if not isinstance(pynetdicom._config.VALIDATORS["UI"], functools._lru_cache_wrapper):
+    if not hasattr(pynetdicom._config.VALIDATORS["UI"], "cache_info"):  # cached already
         pynetdicom._config.VALIDATORS["UI"] = functools.lru_cache(maxsize=4096)(pynetdicom._config.VALIDATORS["UI"])
     pydicom.uid.UID.is_valid = property(_uid_is_valid)  # type: ignore[method-assign,assignment]
 
